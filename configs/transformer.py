@@ -1,0 +1,105 @@
+"""Llama-style transformer baseline. Presets: tiny (one CPU, minutes), small, 350m, 1b.
+
+python main.py --config=configs/transformer.py:tiny --workdir=runs/tiny
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import base  # noqa: E402
+
+MODEL = {
+    "name": "transformer",
+    "vocab_size": 256,
+    "d_model": 128,
+    "num_layers": 4,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "head_dim": 0,
+    "mlp_dim": 384,
+    "tie_embeddings": True,
+    "rope_theta": 10000.0,
+    "norm_eps": 1e-5,
+    "init_std": 0.02,
+    "scan_layers": True,
+    "remat": "none",
+}
+
+PRESETS = {
+    "tiny": {
+        "model": {},
+        "train": {
+            "steps": 600,
+            "batch_size": 16,
+            "seq_len": 256,
+            "log_every": 25,
+            "eval_every": 200,
+            "warmup_steps": 50,
+            "learning_rate": 4e-3,
+        },
+        "checkpoint": {"every": 200},
+    },
+    "small": {
+        "model": {"d_model": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 4, "mlp_dim": 1408},
+        "train": {
+            "steps": 20000,
+            "batch_size": 64,
+            "seq_len": 1024,
+            "learning_rate": 1e-3,
+            "warmup_steps": 1000,
+            "compute_dtype": "bfloat16",
+        },
+        "checkpoint": {"every": 1000},
+    },
+    "350m": {
+        "model": {
+            "vocab_size": 32768,
+            "d_model": 1024,
+            "num_layers": 24,
+            "num_heads": 16,
+            "num_kv_heads": 8,
+            "mlp_dim": 2816,
+            "tie_embeddings": False,
+            "remat": "dots",
+        },
+        "train": {
+            "steps": 100000,
+            "batch_size": 256,
+            "seq_len": 2048,
+            "learning_rate": 6e-4,
+            "warmup_steps": 2000,
+            "compute_dtype": "bfloat16",
+            "z_loss_weight": 1e-4,
+        },
+        "checkpoint": {"every": 2000},
+    },
+    "1b": {
+        "model": {
+            "vocab_size": 32768,
+            "d_model": 2048,
+            "num_layers": 22,
+            "num_heads": 32,
+            "num_kv_heads": 8,
+            "mlp_dim": 5632,
+            "tie_embeddings": False,
+            "remat": "dots",
+        },
+        "train": {
+            "steps": 200000,
+            "batch_size": 512,
+            "seq_len": 2048,
+            "learning_rate": 4e-4,
+            "warmup_steps": 2000,
+            "compute_dtype": "bfloat16",
+            "z_loss_weight": 1e-4,
+        },
+        "checkpoint": {"every": 2000},
+    },
+}
+
+
+def get_config(preset: str = "tiny"):
+    config = base.get_config()
+    config.model.update(MODEL)
+    return base.apply_preset(config, PRESETS, preset or "tiny")

@@ -1,0 +1,245 @@
+"""Typed, frozen run configuration.
+
+Config files (`configs/*.py`) build an `ml_collections.ConfigDict`; `from_config_dict` turns it into the frozen
+dataclasses below, checking every key and type, and `validate` checks the cross-field rules (divisibility, mesh
+size) before anything is compiled. The model section's dataclass is chosen by `model.name` through the registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from typing import Any
+
+from lcjax.errors import ConfigError
+from lcjax.layers.attention import AttentionConfig
+from lcjax.models import registry
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 256
+    log_every: int = 50
+    eval_every: int = 250
+    seed: int = 0
+    learning_rate: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: float = 1.0
+    z_loss_weight: float = 0.0
+    compute_dtype: str = "float32"
+    profile_start_step: int = -1
+    profile_num_steps: int = 5
+    peak_flops_per_device: float = 0.0
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every"):
+            _positive(f"train.{name}", getattr(self, name))
+        _positive("train.learning_rate", self.learning_rate)
+        if self.warmup_steps < 0:
+            raise ConfigError("train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError("train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ConfigError("train.compute_dtype", f"must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
+        if self.grad_clip < 0 or self.weight_decay < 0 or self.z_loss_weight < 0:
+            raise ConfigError("train", "grad_clip, weight_decay and z_loss_weight must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    source: str = "stdlib"  # stdlib | text | jsonl | arrayrecord
+    path: str = ""  # file, directory or glob for text/jsonl/arrayrecord
+    eval_path: str = ""  # optional separate validation files; else a hash split of `path`
+    tokenizer: str = "bytes"  # "bytes", or a path to a sentencepiece .model or a HF tokenizer.json
+    eval_fraction: float = 0.05
+    text_key: str = "text"
+    num_threads: int = 1
+
+    def validate(self) -> None:
+        if self.source not in ("stdlib", "text", "jsonl", "arrayrecord"):
+            raise ConfigError(
+                "data.source", f"unknown source {self.source!r}; expected stdlib, text, jsonl or arrayrecord"
+            )
+        if self.source != "stdlib" and not self.path:
+            raise ConfigError("data.path", f"is required for data.source={self.source!r}")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ConfigError("data.eval_fraction", f"must be in (0, 1), got {self.eval_fraction}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    num_batches: int = 8
+    batch_size: int = 16
+
+    def validate(self) -> None:
+        _positive("eval.num_batches", self.num_batches)
+        _positive("eval.batch_size", self.batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    sequence: int = 1
+
+    def shape(self, device_count: int) -> dict[str, int]:
+        """Axis sizes with the one `-1` filled from `device_count` (validated first)."""
+        sizes = dataclasses.asdict(self)
+        fixed = math.prod(v for v in sizes.values() if v != -1)
+        return {k: (device_count // fixed if v == -1 else v) for k, v in sizes.items()}
+
+    def validate(self, device_count: int) -> None:
+        sizes = dataclasses.asdict(self)
+        for k, v in sizes.items():
+            if v == 0 or v < -1:
+                raise ConfigError(f"mesh.{k}", f"must be a positive size or -1 (fill), got {v}")
+        if sum(v == -1 for v in sizes.values()) > 1:
+            raise ConfigError("mesh", "at most one axis may be -1 (fill)")
+        fixed = math.prod(v for v in sizes.values() if v != -1)
+        if fixed > device_count or device_count % fixed:
+            desc = ",".join(f"{k}={v}" for k, v in sizes.items())
+            raise ConfigError("mesh", f"{desc} needs {fixed} devices (or a divisor of the count), have {device_count}")
+        if -1 not in sizes.values() and fixed != device_count:
+            raise ConfigError("mesh", f"uses {fixed} of {device_count} devices; set one axis to -1 to fill")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500
+    max_to_keep: int = 3
+
+    def validate(self) -> None:
+        _positive("checkpoint.every", self.every)
+        _positive("checkpoint.max_to_keep", self.max_to_keep)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0 means greedy
+    top_p: float = 0.95
+    seed: int = 0
+
+    def validate(self) -> None:
+        _positive("generate.max_new_tokens", self.max_new_tokens)
+        if self.temperature < 0:
+            raise ConfigError("generate.temperature", f"must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError("generate.top_p", f"must be in (0, 1], got {self.top_p}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: Any
+    attention: AttentionConfig = AttentionConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+    eval: EvalConfig = EvalConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    generate: GenerateConfig = GenerateConfig()
+
+    def validate(self, device_count: int) -> Config:
+        """Checks every cross-field rule; raises ConfigError naming the field. Returns self for chaining."""
+        for section in (self.train, self.data, self.eval, self.checkpoint, self.generate):
+            section.validate()
+        self.attention.validate()
+        self.mesh.validate(device_count)
+        mesh = self.mesh.shape(device_count)
+        batch_shards = mesh["data"] * mesh["fsdp"]
+        if self.train.batch_size % batch_shards:
+            raise ConfigError(
+                "train.batch_size",
+                f"={self.train.batch_size} must be divisible by mesh.data*mesh.fsdp={batch_shards}",
+            )
+        if self.eval.batch_size % batch_shards:
+            raise ConfigError(
+                "eval.batch_size", f"={self.eval.batch_size} must be divisible by mesh.data*mesh.fsdp={batch_shards}"
+            )
+        if self.train.seq_len % mesh["sequence"]:
+            raise ConfigError(
+                "train.seq_len", f"={self.train.seq_len} must be divisible by mesh.sequence={mesh['sequence']}"
+            )
+        self.model.validate(self, mesh)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _positive(field: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(field, f"must be > 0, got {value}")
+
+
+def _coerce(field: str, value: Any, annotation: Any) -> Any:
+    """Checks `value` against a field's type (int, float, str, bool; float accepts int)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if annotation is bool:
+        ok = isinstance(value, bool)
+    elif annotation is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif annotation is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif annotation is str:
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise ConfigError(field, f"expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
+    return value
+
+
+def build_section(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """Builds dataclass `cls` from a plain dict, refusing unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{prefix}.{unknown[0]}", f"unknown key; expected one of {sorted(names)}")
+    kwargs = {k: _coerce(f"{prefix}.{k}", v, hints[k]) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+_SECTIONS = {
+    "attention": AttentionConfig,
+    "train": TrainConfig,
+    "data": DataConfig,
+    "eval": EvalConfig,
+    "mesh": MeshConfig,
+    "checkpoint": CheckpointConfig,
+    "generate": GenerateConfig,
+}
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """Builds a Config from nested plain dicts (a ConfigDict's `to_dict()`, or a saved config.json)."""
+    unknown = sorted(set(values) - set(_SECTIONS) - {"model"})
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown section; expected model or one of {sorted(_SECTIONS)}")
+    model_values = dict(values.get("model", {}))
+    name = model_values.get("name")
+    if name not in registry.names():
+        raise ConfigError("model.name", f"unknown model {name!r}; expected one of {registry.names()}")
+    sections = {k: build_section(cls, dict(values.get(k, {})), k) for k, cls in _SECTIONS.items()}
+    model = build_section(registry.config_class(name), model_values, "model")
+    return Config(model=model, **sections)
+
+
+def from_config_dict(config_dict: Any) -> Config:
+    return from_dict(config_dict.to_dict())

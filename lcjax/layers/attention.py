@@ -1,0 +1,126 @@
+"""Multi-head self-attention with grouped-query heads, RoPE, packed-document masking and a KV cache.
+
+softmax(Q K^T * scale + mask) V per head, where query head h reads KV head h // (num_heads / num_kv_heads).
+The core is chosen by `attention.impl`; `xla` is the plain-jnp path and the specification the Pallas, cuDNN and
+ring implementations are tested against. Shapes at the module boundary are [batch, length, heads, head_dim].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lcjax.errors import ConfigError
+from lcjax.layers.params import normal, param
+from lcjax.layers.rope import apply_rope
+from lcjax.parallel.sharding import constrain
+
+IMPLS = ("xla",)
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    impl: str = "xla"
+
+    def validate(self) -> None:
+        if self.impl not in IMPLS:
+            raise ConfigError("attention.impl", f"unknown implementation {self.impl!r}; expected one of {IMPLS}")
+
+
+def causal_segment_mask(
+    q_positions: jax.Array, k_positions: jax.Array, q_segments: jax.Array | None, k_segments: jax.Array | None
+) -> jax.Array:
+    """[batch, q_len, k_len] bool: key slot j visible to query i iff j <= i (by slot) and same segment.
+
+    `q_positions`/`k_positions` are absolute slot indices [batch, len]; `*_segments` are document ids or None.
+    """
+    mask = k_positions[:, None, :] <= q_positions[:, :, None]
+    if q_segments is not None:
+        mask &= q_segments[:, :, None] == k_segments[:, None, :]
+    return mask
+
+
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float, impl: str = "xla"
+) -> jax.Array:
+    """q [B, T, H, D], k/v [B, S, K, D] with H % K == 0, mask [B, T, S] bool -> [B, T, H, D]."""
+    if impl != "xla":
+        raise ValueError(f"attention impl {impl!r} is not available; expected one of {IMPLS}")
+    batch, q_len, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    groups = num_heads // num_kv_heads
+    q = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask[:, None, None, :, :], logits, _MASK_VALUE)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", weights, v)
+    return out.reshape(batch, q_len, num_heads, head_dim)
+
+
+class SelfAttention(nnx.Module):
+    """Projections + RoPE + attention core. `__call__` is the parallel form, `step` the KV-cache form."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        rope_theta: float,
+        config: AttentionConfig,
+        init_std: float,
+        out_std: float,
+        rngs: nnx.Rngs,
+    ):
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.rope_theta = rope_theta
+        self.config = config
+        self.wq = param(rngs, (d_model, num_heads, head_dim), ("embed", "heads", "head_dim"), normal(init_std))
+        self.wk = param(rngs, (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), normal(init_std))
+        self.wv = param(rngs, (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), normal(init_std))
+        self.wo = param(rngs, (num_heads, head_dim, d_model), ("heads", "head_dim", "embed"), normal(out_std))
+
+    def _project(self, x: jax.Array, positions: jax.Array):
+        q = jnp.einsum("btd,dhk->bthk", x, self.wq[...])
+        k = jnp.einsum("btd,dhk->bthk", x, self.wk[...])
+        v = jnp.einsum("btd,dhk->bthk", x, self.wv[...])
+        q = constrain(apply_rope(q, positions, self.rope_theta), ("batch", "length", "heads", "head_dim"))
+        k = constrain(apply_rope(k, positions, self.rope_theta), ("batch", "length", "kv_heads", "head_dim"))
+        return q, k, constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+
+    def _output(self, out: jax.Array) -> jax.Array:
+        return jnp.einsum("bthk,hkd->btd", out, self.wo[...])
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+        """x [B, T, d_model]; positions [B, T] (RoPE); segment_ids [B, T] or None. Causal within a segment."""
+        q, k, v = self._project(x, positions)
+        slots = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+        mask = causal_segment_mask(slots, slots, segment_ids, segment_ids)
+        out = dot_product_attention(q, k, v, mask, scale=self.head_dim**-0.5, impl=self.config.impl)
+        return self._output(out)
+
+    def init_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype) -> dict[str, jax.Array]:
+        shape = (batch_size, max_len, self.num_kv_heads, self.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    def step(
+        self, x: jax.Array, positions: jax.Array, cache: dict[str, jax.Array], index: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Consumes x [B, n, d_model] at slots index..index+n-1 (positions [B, n]); returns (y, new cache)."""
+        q, k, v = self._project(x, positions)
+        k_cache = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
+        batch, n = x.shape[:2]
+        q_slots = jnp.broadcast_to(index + jnp.arange(n), (batch, n))
+        k_slots = jnp.broadcast_to(jnp.arange(k_cache.shape[1]), (batch, k_cache.shape[1]))
+        mask = causal_segment_mask(q_slots, k_slots, None, None)
+        out = dot_product_attention(
+            q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask, scale=self.head_dim**-0.5, impl=self.config.impl
+        )
+        return self._output(out), {"k": k_cache, "v": v_cache}

@@ -1,0 +1,35 @@
+"""Parameter creation with logical axis names, the metadata the sharding rules read."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+
+
+def normal(stddev: float) -> Initializer:
+    return lambda key, shape, dtype: stddev * jax.random.normal(key, shape, dtype)
+
+
+def ones(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype) -> jax.Array:
+    del key
+    return jnp.ones(shape, dtype)
+
+
+def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], init: Initializer) -> nnx.Param:
+    """An fp32 `nnx.Param` with `axes` metadata naming each dimension logically."""
+    if len(shape) != len(axes):
+        raise ValueError(f"shape {tuple(shape)} and logical axes {tuple(axes)} differ in rank")
+    return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), axes=tuple(axes))
+
+
+def logical_axes(module: nnx.Module) -> dict:
+    """Nested dict (same layout as `nnx.to_pure_dict(nnx.state(module))`) of each parameter's logical axes."""
+    from flax import traverse_util
+
+    flat = {path: var.get_metadata()["axes"] for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    return traverse_util.unflatten_dict(flat)

@@ -1,0 +1,21 @@
+"""Model names -> (config dataclass, module class). Add a model by adding one line here."""
+
+from __future__ import annotations
+
+from lcjax.models import transformer
+
+_MODELS = {
+    "transformer": (transformer.TransformerConfig, transformer.Transformer),
+}
+
+
+def names() -> list[str]:
+    return sorted(_MODELS)
+
+
+def config_class(name: str) -> type:
+    return _MODELS[name][0]
+
+
+def model_class(name: str) -> type:
+    return _MODELS[name][1]

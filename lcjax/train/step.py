@@ -1,0 +1,178 @@
+"""The train and eval steps: pure functions of (state, batch), jitted once with explicit shardings.
+
+State is a dict {"params": pure dict of fp32 arrays, "opt_state": optax state, "step": int32}. The model is
+rebuilt inside the step with `nnx.merge(graphdef, params)`, with params cast to the compute dtype first, so
+gradients flow back to the fp32 master copy. Loss = mean over `loss_mask` of -log p(target) + z_loss_weight *
+mean(logsumexp^2) + every `aux` entry whose name ends in "loss". A step whose gradients are not finite leaves
+params and optimizer state untouched and reports `skipped=1`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lcjax import models
+from lcjax.layers.params import logical_axes
+from lcjax.parallel.sharding import named_sharding
+from lcjax.train.optimizer import learning_rate_schedule, make_optimizer
+
+MODEL_INPUT_KEYS = ("inputs", "positions", "segment_ids", "prefix_mask")
+BATCH_AXES = ("batch", "length")
+
+
+def token_losses(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Per-token negative log-likelihood and log-partition, both [B, T] float32."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    return log_z - target_logit, log_z
+
+
+def model_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """Everything the jitted steps close over: model graph, optimizer, config, mesh and shardings."""
+
+    config: Any
+    mesh: Mesh
+    graphdef: Any
+    optimizer: optax.GradientTransformation
+    state_shardings: Any
+    batch_sharding: NamedSharding
+    abstract_state: Any
+
+    @classmethod
+    def create(cls, config, mesh: Mesh) -> Trainer:
+        abstract_model = nnx.eval_shape(lambda: models.build(config, nnx.Rngs(0)))
+        graphdef, model_state = nnx.split(abstract_model)
+        non_params = [p for p, v in nnx.to_flat_state(model_state) if not isinstance(v, nnx.Param)]
+        if non_params:
+            raise TypeError(f"models may hold only nnx.Param state, found {non_params}")
+        optimizer = make_optimizer(config.train)
+        param_shardings = jax.tree.map(
+            lambda axes: named_sharding(mesh, axes),
+            logical_axes(abstract_model),
+            is_leaf=lambda x: isinstance(x, tuple),
+        )
+        abstract_params = nnx.to_pure_dict(model_state)
+        abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        opt_shardings = optax.tree_map_params(
+            optimizer, lambda _, s: s, abstract_opt, param_shardings, transform_non_params=lambda _: replicated
+        )
+        state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
+        abstract_state = {
+            "params": abstract_params,
+            "opt_state": abstract_opt,
+            "step": jax.ShapeDtypeStruct((), jnp.int32),
+        }
+        abstract_state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings
+        )
+        return cls(config, mesh, graphdef, optimizer, state_shardings, named_sharding(mesh, BATCH_AXES), abstract_state)
+
+    # -- state ---------------------------------------------------------------------------------------------
+
+    def _init(self, key: jax.Array) -> dict[str, Any]:
+        params = nnx.to_pure_dict(nnx.state(models.build(self.config, nnx.Rngs(params=key))))
+        return {"params": params, "opt_state": self.optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    def init_state(self, seed: int) -> dict[str, Any]:
+        """Initial state, created directly with its shardings (no unsharded copy)."""
+        with jax.set_mesh(self.mesh):
+            return jax.jit(self._init, out_shardings=self.state_shardings)(jax.random.key(seed))
+
+    def model(self, params: Any) -> nnx.Module:
+        return nnx.merge(self.graphdef, params)
+
+    # -- steps ---------------------------------------------------------------------------------------------
+
+    def _loss(self, params: Any, batch: dict[str, jax.Array]):
+        dtype = jnp.dtype(self.config.train.compute_dtype)
+        compute_params = jax.tree.map(lambda p: p.astype(dtype), params)
+        logits, aux = self.model(compute_params)(model_inputs(batch))
+        nll, log_z = token_losses(logits, batch)
+        mask = batch["loss_mask"].astype(jnp.float32)
+        count = jnp.maximum(mask.sum(), 1.0)
+        loss = (nll * mask).sum() / count
+        z_loss = self.config.train.z_loss_weight * (jnp.square(log_z) * mask).sum() / count
+        aux_losses = sum((v for k, v in aux.items() if k.endswith("loss")), jnp.zeros(()))
+        metrics = {"loss": loss, "z_loss": z_loss, "tokens": mask.sum(), **aux}
+        return loss + z_loss + aux_losses, metrics
+
+    def _train_step(self, state: dict[str, Any], batch: dict[str, jax.Array]):
+        params, opt_state = state["params"], state["opt_state"]
+        (_, metrics), grads = jax.value_and_grad(self._loss, has_aux=True)(params, batch)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(grad_norm)
+        updates, new_opt_state = self.optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = {
+            "params": keep(new_params, params),
+            "opt_state": keep(new_opt_state, opt_state),
+            "step": state["step"] + 1,
+        }
+        metrics |= {
+            "grad_norm": grad_norm,
+            "learning_rate": learning_rate_schedule(self.config.train)(state["step"]),
+            "skipped": 1.0 - finite.astype(jnp.float32),
+        }
+        return new_state, metrics
+
+    def _eval_step(self, params: Any, batch: dict[str, jax.Array]):
+        dtype = jnp.dtype(self.config.train.compute_dtype)
+        logits, _ = self.model(jax.tree.map(lambda p: p.astype(dtype), params))(model_inputs(batch))
+        nll, _ = token_losses(logits, batch)
+        mask = batch["loss_mask"].astype(jnp.float32)
+        return {"nll_sum": (nll * mask).sum(), "tokens": mask.sum()}
+
+    def jit_train_step(self) -> Callable:
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        step = jax.jit(
+            self._train_step,
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, replicated),
+            donate_argnums=0,
+        )
+        return _under_mesh(step, self.mesh)
+
+    def jit_eval_step(self) -> Callable:
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        step = jax.jit(
+            self._eval_step,
+            in_shardings=(self.state_shardings["params"], self.batch_sharding),
+            out_shardings=replicated,
+        )
+        return _under_mesh(step, self.mesh)
+
+    def device_batch(self, local_batch: dict[str, Any]) -> dict[str, jax.Array]:
+        """Assembles global arrays from this process's rows (all rows when there is one process)."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local_batch.items()}
+
+
+def _under_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """Calls `fn` with `mesh` as the current mesh, so logical activation constraints resolve against it."""
+
+    def wrapped(*args):
+        with jax.set_mesh(mesh):
+            return fn(*args)
+
+    wrapped.lower = lambda *args: _lower(fn, mesh, *args)
+    return wrapped
+
+
+def _lower(fn, mesh, *args):
+    with jax.set_mesh(mesh):
+        return fn.lower(*args)

@@ -1,0 +1,76 @@
+"""lcjax entry point: `python main.py --config=configs/<family>.py:<preset> --workdir=DIR [--mode=...]`.
+
+Parses flags, validates the config (bad configs exit with status 2 before anything is compiled or written) and
+calls the library. All logic lives in `lcjax`.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file and preset: configs/<family>.py:<preset>", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, metrics, TensorBoard, checkpoints.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "generate"], "What to do.")
+_PROMPT = flags.DEFINE_string("prompt", "", "Prompt for --mode=generate.")
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse_flags(argv):
+    """absl flag parsing that reports any error (unknown override key, bad preset) in one line, exit 2."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # flags.Error, or whatever the config file's get_config raised
+        cause = e.__cause__ or e.__context__ or e
+        _fail(str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__)
+
+
+class _QuietLibraries(logging.logging.Filter):
+    """Drops INFO chatter from orbax and grain so lcjax's progress lines stay readable."""
+
+    def filter(self, record) -> bool:
+        noisy = ("/orbax/", "/grain/")
+        return record.levelno >= logging.logging.WARNING or not any(n in record.pathname for n in noisy)
+
+
+def main(argv):
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}")
+    if _CONFIG.value is None:
+        _fail("--config is required, e.g. --config=configs/transformer.py:tiny")
+    if not _WORKDIR.value:
+        _fail("--workdir is required")
+    import jax
+
+    from lcjax import config as config_lib
+    from lcjax.errors import ConfigError
+    from lcjax.train import loop
+
+    try:
+        config = config_lib.from_config_dict(_CONFIG.value).validate(jax.device_count())
+        if _MODE.value == "train":
+            result = loop.train(config, _WORKDIR.value)
+            print("final eval: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        elif _MODE.value == "eval":
+            result = loop.evaluate_checkpoint(config, _WORKDIR.value)
+            print("eval: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        else:
+            text = loop.generate_text(config, _WORKDIR.value, _PROMPT.value)
+            print(_PROMPT.value + text)
+    except ConfigError as e:
+        _fail(str(e))
+    logging.flush()
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

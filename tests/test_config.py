@@ -1,0 +1,104 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+import configs.transformer as transformer_config
+from lcjax.config import from_config_dict, from_dict
+from lcjax.errors import ConfigError
+from tests.conftest import ROOT, make_config
+
+
+def test_presets_resolve_and_validate():
+    for preset in ("tiny", "small", "350m", "1b"):
+        config = from_config_dict(transformer_config.get_config(preset))
+        config.validate(device_count=8)
+        assert config.model.name == "transformer"
+    tiny = from_config_dict(transformer_config.get_config("tiny"))
+    assert (tiny.train.seq_len, tiny.mesh.shape(8)) == (256, {"data": 8, "fsdp": 1, "tensor": 1, "sequence": 1})
+
+
+@pytest.mark.parametrize(
+    "values, field",
+    [
+        ({"model": {"name": "gpt5"}}, "model.name"),
+        ({"model": {"name": "transformer", "d_modle": 8}}, "model.d_modle"),
+        ({"model": {"name": "transformer"}, "train": {"steps": 1.5}}, "train.steps"),
+        ({"model": {"name": "transformer"}, "train": {"seq_len": "long"}}, "train.seq_len"),
+        ({"model": {"name": "transformer"}, "optimizer": {}}, "optimizer"),
+    ],
+)
+def test_conversion_errors_name_the_field(values, field):
+    with pytest.raises(ConfigError) as e:
+        from_dict(values)
+    assert e.value.field == field
+
+
+@pytest.mark.parametrize(
+    "sections, field",
+    [
+        ({"train": {"seq_len": 100}, "mesh": {"sequence": 8, "data": 1}}, "train.seq_len"),
+        ({"mesh": {"data": 4, "fsdp": 4}}, "mesh"),
+        ({"mesh": {"data": 2, "tensor": 4}, "model": {"num_heads": 6, "d_model": 48}}, "model.num_heads"),
+        ({"model": {"num_kv_heads": 3}}, "model.num_kv_heads"),
+        ({"train": {"batch_size": 12}}, "train.batch_size"),
+        ({"train": {"steps": 0}}, "train.steps"),
+        ({"train": {"compute_dtype": "float16"}}, "train.compute_dtype"),
+        ({"data": {"source": "s3"}}, "data.source"),
+        ({"data": {"source": "text"}}, "data.path"),
+        ({"mesh": {"data": -1, "fsdp": -1}}, "mesh"),
+        ({"attention": {"impl": "magic"}}, "attention.impl"),
+        ({"generate": {"top_p": 0.0}}, "generate.top_p"),
+    ],
+)
+def test_validate_errors_name_the_field(sections, field):
+    model = sections.pop("model", {})
+    with pytest.raises(ConfigError) as e:
+        make_config(model=model, **sections).validate(device_count=8)
+    assert e.value.field == field, str(e.value)
+
+
+def _main(*args, timeout=120):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "main.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["--config.model.name=gpt5"], "model.name"),
+        (["--config.train.seq_len=100", "--config.mesh.sequence=8", "--config.mesh.data=1"], "train.seq_len"),
+        (["--config.mesh.data=64"], "mesh"),
+        (
+            [
+                "--config.mesh.tensor=8",
+                "--config.mesh.data=1",
+                "--config.model.num_heads=12",
+                "--config.model.d_model=96",
+            ],
+            "model.num_heads",
+        ),
+        (["--config.train.stpes=5"], "stpes"),
+        (["--config.data.tokenizer=/nonexistent/tok.model"], "data.tokenizer"),
+    ],
+)
+def test_main_rejects_bad_configs_with_status_2(tmp_path, overrides, expected):
+    workdir = tmp_path / "run"
+    result = _main("--config=configs/transformer.py:tiny", f"--workdir={workdir}", *overrides)
+    assert result.returncode == 2, result.stderr[-2000:]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and expected in error_lines[0], result.stderr[-2000:]
+    assert not workdir.exists()
+
+
+def test_main_rejects_unknown_preset():
+    result = _main("--config=configs/transformer.py:huge", "--workdir=/tmp/unused")
+    assert result.returncode == 2 and "unknown preset 'huge'" in result.stderr

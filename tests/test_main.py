@@ -1,0 +1,64 @@
+"""End to end through `main.py`: train, outputs on disk, profile, eval, generate, resume."""
+
+import json
+import math
+
+from tests.test_config import _main
+
+RUN = [
+    "--config=configs/transformer.py:tiny",
+    "--config.model.d_model=64",
+    "--config.model.mlp_dim=128",
+    "--config.train.batch_size=8",
+    "--config.train.seq_len=64",
+    "--config.train.log_every=2",
+    "--config.train.eval_every=4",
+    "--config.train.warmup_steps=2",
+    "--config.train.profile_start_step=2",
+    "--config.train.profile_num_steps=2",
+    "--config.checkpoint.every=4",
+    "--config.eval.num_batches=2",
+    "--config.eval.batch_size=8",
+    "--config.generate.max_new_tokens=24",
+]
+
+
+def _records(workdir):
+    with open(workdir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_eval_generate_resume(tmp_path):
+    workdir = tmp_path / "run"
+    result = _main(*RUN, "--config.train.steps=8", f"--workdir={workdir}", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tok/s" in result.stderr and "MFU" in result.stderr and "ETA" in result.stderr
+
+    records = _records(workdir)
+    train = [r for r in records if r["split"] == "train"]
+    evals = [r for r in records if r["split"] == "eval"]
+    assert [r["step"] for r in train] == [2, 4, 6, 8] and [r["step"] for r in evals] == [4, 8]
+    assert all(math.isfinite(r["loss"]) and r["tokens_per_second"] > 0 for r in train)
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert math.isclose(evals[-1]["bits_per_byte"], evals[-1]["loss"] / math.log(2), rel_tol=1e-6)
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["model"]["d_model"] == 64 and config["train"]["steps"] == 8
+    assert list((workdir / "tb").glob("events.out.tfevents.*"))
+    assert (workdir / "checkpoints" / "8").is_dir()
+    assert any(p.is_file() for p in (workdir / "profile").rglob("*"))
+
+    result = _main(*RUN, "--config.train.steps=8", f"--workdir={workdir}", "--mode=eval")
+    assert result.returncode == 0, result.stderr[-3000:]
+    eval_json = json.loads((workdir / "eval.json").read_text())
+    assert eval_json["step"] == 8 and abs(eval_json["loss"] - evals[-1]["loss"]) < 1e-5
+
+    prompt = "def main("
+    result = _main(*RUN, f"--workdir={workdir}", "--mode=generate", f"--prompt={prompt}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith(prompt) and len(result.stdout.encode()) >= len(prompt) + 24
+
+    result = _main(*RUN, "--config.train.steps=10", f"--workdir={workdir}", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed" in result.stderr
+    steps = [r["step"] for r in _records(workdir) if r["split"] == "train"]
+    assert steps == [2, 4, 6, 8, 10]

@@ -1,0 +1,94 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcjax.parallel.mesh import make_mesh
+from lcjax.train.step import Trainer, token_losses
+from tests.conftest import make_config
+
+
+def _single_device_trainer(**sections):
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1}, devices=jax.devices()[:1])
+    return Trainer.create(make_config(**sections), mesh)
+
+
+def _pattern_batch(batch_size=8, seq_len=32, period=5, seed=0):
+    """A learnable task: each row repeats a random pattern of `period` tokens."""
+    rng = np.random.default_rng(seed)
+    patterns = rng.integers(0, 64, (batch_size, period))
+    tokens = np.tile(patterns, (1, seq_len // period + 2))[:, : seq_len + 1].astype(np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((batch_size, seq_len), np.float32)}
+
+
+def test_token_losses_match_log_softmax():
+    logits = jax.random.normal(jax.random.key(0), (2, 5, 11))
+    targets = jax.random.randint(jax.random.key(1), (2, 5), 0, 11)
+    nll, log_z = token_losses(logits, {"targets": targets})
+    expected = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(nll, expected, atol=1e-6)
+    np.testing.assert_allclose(log_z, jax.nn.logsumexp(logits, -1), atol=1e-6)
+
+
+def test_loss_mask_excludes_tokens():
+    trainer = _single_device_trainer()
+    state = trainer.init_state(0)
+    batch = _pattern_batch()
+    full = trainer._loss(state["params"], batch)[1]
+    masked = dict(batch, loss_mask=batch["loss_mask"].copy())
+    masked["loss_mask"][:, 16:] = 0
+    half = dict(batch, loss_mask=masked["loss_mask"])
+    first_half = trainer._loss(state["params"], half)[1]
+    model = trainer.model(state["params"])
+    nll, _ = token_losses(model({"inputs": batch["inputs"]})[0], batch)
+    np.testing.assert_allclose(first_half["loss"], nll[:, :16].mean(), rtol=1e-6)
+    np.testing.assert_allclose(full["loss"], nll.mean(), rtol=1e-6)
+    assert float(first_half["tokens"]) == 8 * 16
+
+
+def test_z_loss_adds_mean_squared_log_partition():
+    trainer = _single_device_trainer(train={"z_loss_weight": 0.01})
+    state = trainer.init_state(0)
+    batch = _pattern_batch()
+    total, metrics = trainer._loss(state["params"], batch)
+    _, log_z = token_losses(trainer.model(state["params"])({"inputs": batch["inputs"]})[0], batch)
+    np.testing.assert_allclose(metrics["z_loss"], 0.01 * jnp.mean(log_z**2), rtol=1e-5)
+    np.testing.assert_allclose(total, metrics["loss"] + metrics["z_loss"], rtol=1e-6)
+
+
+def test_train_step_learns_a_synthetic_task():
+    trainer = _single_device_trainer(train={"learning_rate": 1e-2, "warmup_steps": 5, "steps": 60})
+    state = trainer.init_state(0)
+    step = trainer.jit_train_step()
+    losses = []
+    for i in range(60):
+        state, metrics = step(state, trainer.device_batch(_pattern_batch(seed=i)))
+        losses.append(float(metrics["loss"]))
+    assert int(state["step"]) == 60
+    assert losses[0] > 3.5 and np.mean(losses[-5:]) < 0.5 * losses[0], losses
+
+
+def test_non_finite_gradients_skip_the_update():
+    trainer = _single_device_trainer(train={"warmup_steps": 0})
+    state = trainer.init_state(0)
+    state["params"]["final_norm"]["scale"] = state["params"]["final_norm"]["scale"].at[0].set(jnp.inf)
+    before = jax.device_get(state)
+    new_state, metrics = trainer.jit_train_step()(state, trainer.device_batch(_pattern_batch()))
+    assert float(metrics["skipped"]) == 1.0
+    after = jax.device_get(new_state)
+    assert int(after["step"]) == 1
+    for a, b in zip(jax.tree.leaves(before["params"]), jax.tree.leaves(after["params"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(before["opt_state"]), jax.tree.leaves(after["opt_state"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_close_loss():
+    f32 = _single_device_trainer()
+    bf16 = _single_device_trainer(train={"compute_dtype": "bfloat16"})
+    state = f32.init_state(0)
+    batch = _pattern_batch()
+    loss32 = float(f32._loss(state["params"], batch)[1]["loss"])
+    loss16 = float(bf16._loss(state["params"], batch)[1]["loss"])
+    assert abs(loss16 - loss32) < 0.05 * loss32
+    new_state, _ = bf16.jit_train_step()(state, bf16.device_batch(batch))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(new_state["params"]))
