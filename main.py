@@ -30,8 +30,16 @@ def _parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except Exception as e:  # flags.Error, or whatever the config file's get_config raised
-        cause = e.__cause__ or e.__context__ or e
-        _fail(str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__)
+        root = e
+        while root.__context__ is not None:
+            root = root.__context__
+        if isinstance(root, KeyError) and root.args:  # ml_collections: an override of a key the config lacks
+            key = str(root.args[0]).split()[0].strip("'\"")
+            flag = next((a.split("=")[0] for a in argv if a.startswith("--config.") and key in a), key)
+            _fail(f"{flag}: unknown config key {key!r}")
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        # A config file that raised comes wrapped with its traceback: its last line is the actual error.
+        _fail(lines[-1] if "Traceback" in str(e) else lines[0])
 
 
 class _QuietLibraries(logging.logging.Filter):

@@ -30,15 +30,15 @@ PRESETS = {
     "tiny": {
         "model": {},
         "train": {
-            "steps": 600,
+            "steps": 500,
             "batch_size": 16,
             "seq_len": 256,
             "log_every": 25,
-            "eval_every": 200,
+            "eval_every": 250,
             "warmup_steps": 50,
             "learning_rate": 4e-3,
         },
-        "checkpoint": {"every": 200},
+        "checkpoint": {"every": 250},
     },
     "small": {
         "model": {"d_model": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 4, "mlp_dim": 1408},

@@ -12,11 +12,13 @@ def _single_device_trainer(**sections):
     return Trainer.create(make_config(**sections), mesh)
 
 
-def _pattern_batch(batch_size=8, seq_len=32, period=5, seed=0):
-    """A learnable task: each row repeats a random pattern of `period` tokens."""
+def _pattern_batch(batch_size=8, seq_len=32, seed=0):
+    """A learnable task: from a random start, each next token is (3 * token + 1) mod 64."""
     rng = np.random.default_rng(seed)
-    patterns = rng.integers(0, 64, (batch_size, period))
-    tokens = np.tile(patterns, (1, seq_len // period + 2))[:, : seq_len + 1].astype(np.int32)
+    tokens = np.zeros((batch_size, seq_len + 1), np.int32)
+    tokens[:, 0] = rng.integers(0, 64, batch_size)
+    for t in range(seq_len):
+        tokens[:, t + 1] = (3 * tokens[:, t] + 1) % 64
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((batch_size, seq_len), np.float32)}
 
 
@@ -64,7 +66,8 @@ def test_train_step_learns_a_synthetic_task():
         state, metrics = step(state, trainer.device_batch(_pattern_batch(seed=i)))
         losses.append(float(metrics["loss"]))
     assert int(state["step"]) == 60
-    assert losses[0] > 3.5 and np.mean(losses[-5:]) < 0.5 * losses[0], losses
+    # From about log(64) to well under 1 nat: the model learned the rule, not just the unigram distribution.
+    assert losses[0] > 3.5 and np.mean(losses[-5:]) < 0.5, losses
 
 
 def test_non_finite_gradients_skip_the_update():
