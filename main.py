@@ -18,6 +18,22 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, metrics, TensorBoard, checkpoints.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "generate"], "What to do.")
 _PROMPT = flags.DEFINE_string("prompt", "", "Prompt for --mode=generate.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", "", "host:port of process 0 for multi-process runs (or JAX_COORDINATOR_ADDRESS)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Process count of a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index in a multi-process run.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Initialize jax.distributed from the cluster environment (TPU pod slice, SLURM) without an explicit coordinator.",
+)
+_INIT_FROM = flags.DEFINE_string(
+    "init_from",
+    "",
+    "Workdir or checkpoint directory to load parameters from "
+    "when --workdir has no checkpoint (optimizer and step start fresh).",
+)
 
 
 def _fail(message: str) -> None:
@@ -62,19 +78,27 @@ def main(argv):
 
     from lcjax import config as config_lib
     from lcjax.errors import ConfigError
+    from lcjax.parallel import distributed
     from lcjax.train import loop
 
     try:
+        distributed.maybe_initialize(
+            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_DISTRIBUTED.value
+        )
+    except ValueError as e:
+        _fail(f"--coordinator_address: {e}")
+    try:
         config = config_lib.from_config_dict(_CONFIG.value).validate(jax.device_count())
         if _MODE.value == "train":
-            result = loop.train(config, _WORKDIR.value)
+            result = loop.train(config, _WORKDIR.value, init_from=_INIT_FROM.value)
             print("final eval: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
         elif _MODE.value == "eval":
             result = loop.evaluate_checkpoint(config, _WORKDIR.value)
             print("eval: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
-        else:
+        else:  # every process takes part; process 0 prints
             text = loop.generate_text(config, _WORKDIR.value, _PROMPT.value)
-            print(_PROMPT.value + text)
+            if jax.process_index() == 0:
+                print(_PROMPT.value + text)
     except ConfigError as e:
         _fail(str(e))
     logging.flush()

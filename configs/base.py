@@ -30,6 +30,8 @@ def get_config() -> config_dict.ConfigDict:
             "profile_start_step": -1,
             "profile_num_steps": 5,
             "peak_flops_per_device": 0.0,
+            "grad_accum_steps": 1,
+            "debug_nan_step": -1,
         }
     )
     c.data = config_dict.ConfigDict(
@@ -45,7 +47,7 @@ def get_config() -> config_dict.ConfigDict:
     )
     c.eval = config_dict.ConfigDict({"num_batches": 8, "batch_size": 16})
     c.mesh = config_dict.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
-    c.checkpoint = config_dict.ConfigDict({"every": 500, "max_to_keep": 3})
+    c.checkpoint = config_dict.ConfigDict({"every": 500, "max_to_keep": 3, "keep_every": 0})
     c.generate = config_dict.ConfigDict({"max_new_tokens": 200, "temperature": 0.8, "top_p": 0.95, "seed": 0})
     return c
 

@@ -39,9 +39,11 @@ class TrainConfig:
     profile_start_step: int = -1
     profile_num_steps: int = 5
     peak_flops_per_device: float = 0.0
+    grad_accum_steps: int = 1
+    debug_nan_step: int = -1  # debug: make the gradients of this step non-finite (tests the skip path)
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every"):
+        for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "grad_accum_steps"):
             _positive(f"train.{name}", getattr(self, name))
         _positive("train.learning_rate", self.learning_rate)
         if self.warmup_steps < 0:
@@ -117,10 +119,13 @@ class MeshConfig:
 class CheckpointConfig:
     every: int = 500
     max_to_keep: int = 3
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
 
     def validate(self) -> None:
         _positive("checkpoint.every", self.every)
         _positive("checkpoint.max_to_keep", self.max_to_keep)
+        if self.keep_every < 0:
+            raise ConfigError("checkpoint.keep_every", f"must be >= 0, got {self.keep_every}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +166,13 @@ class Config:
             raise ConfigError(
                 "train.batch_size",
                 f"={self.train.batch_size} must be divisible by mesh.data*mesh.fsdp={batch_shards}",
+            )
+        micro_shards = batch_shards * self.train.grad_accum_steps
+        if self.train.batch_size % micro_shards:
+            raise ConfigError(
+                "train.grad_accum_steps",
+                f"={self.train.grad_accum_steps}: train.batch_size={self.train.batch_size} must be divisible by "
+                f"grad_accum_steps*mesh.data*mesh.fsdp={micro_shards}",
             )
         if self.eval.batch_size % batch_shards:
             raise ConfigError(

@@ -23,6 +23,7 @@ from lcjax.eval.perplexity import evaluate, unigram_entropy_bits
 from lcjax.parallel.mesh import make_mesh
 from lcjax.train.checkpoint import Checkpointer, parameter_layout
 from lcjax.train.metrics import MetricWriter, Progress, summarize
+from lcjax.train.preemption import PreemptionWatcher
 from lcjax.train.step import Trainer
 
 
@@ -66,12 +67,20 @@ def _eval_set(run: Run, stream) -> list[dict[str, np.ndarray]]:
     )
 
 
-def _meta(run: Run) -> dict[str, Any]:
+def _expected_meta(run: Run) -> dict[str, Any]:
     return {
-        "config": run.config.to_dict(),
         "model": run.config.model.name,
         "scan_layers": getattr(run.config.model, "scan_layers", None),
         "parameter_layout": parameter_layout(run.trainer.abstract_state["params"]),
+    }
+
+
+def _meta(run: Run, step: int) -> dict[str, Any]:
+    """Checkpoint metadata. The data pipeline is a pure function of (seed, step): that pair is its state."""
+    return {
+        **_expected_meta(run),
+        "config": run.config.to_dict(),
+        "data": {"seed": run.config.train.seed, "step": step},
     }
 
 
@@ -86,23 +95,60 @@ def prepare_workdir(workdir: str) -> None:
         raise ConfigError("workdir", f"cannot write to {workdir!r}: {e.strerror}") from None
 
 
-def train(config: Config, workdir: str) -> dict[str, float]:
-    """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns the final eval metrics."""
+def _initial_state(run: Run, checkpointer: Checkpointer, init_from: str) -> dict[str, Any]:
+    """The workdir's latest valid checkpoint; else fresh state, with params from `init_from` if given."""
+    cfg, trainer = run.config, run.trainer
+    if checkpointer.steps():
+        state, meta, step = checkpointer.restore(trainer.abstract_state, _expected_meta(run))
+        data = meta.get("data", {})
+        if data.get("seed") != cfg.train.seed or data.get("step") != step:
+            raise ConfigError(
+                "train.seed",
+                f"={cfg.train.seed}, but checkpoint {step} was trained on data seed {data.get('seed')} at data step "
+                f"{data.get('step')}; resuming would change the data order (use --init_from for a new run)",
+            )
+        logging.info("resumed from %s at step %d", checkpointer.directory, step)
+        return state
+    state = trainer.init_state(cfg.train.seed)
+    if init_from:
+        source = Checkpointer(_checkpoint_dir(init_from), read_only=True)
+        restored, _, step = source.restore(
+            {"params": trainer.abstract_state["params"]}, _expected_meta(run), partial=True
+        )
+        source.close()
+        state["params"] = restored["params"]
+        logging.info("initialized parameters from %s step %d", source.directory, step)
+    return state
+
+
+def _checkpoint_dir(path: str) -> str:
+    """Accepts a workdir or its checkpoints/ folder."""
+    nested = os.path.join(path, "checkpoints")
+    if os.path.isdir(nested):
+        return nested
+    if not os.path.isdir(path):
+        raise ConfigError("init_from", f"{path!r} is not a directory holding checkpoints")
+    return path
+
+
+def train(config: Config, workdir: str, *, init_from: str = "") -> dict[str, float]:
+    """Trains `config` in `workdir`, resuming from its latest checkpoint, else starting from `init_from`'s
+    parameters (a workdir or checkpoint directory) or from scratch. Returns the final eval metrics.
+
+    SIGTERM or SIGINT (preemption) stops the run at the next step boundary with a checkpoint of that step.
+    """
     run = setup(config)
     cfg, trainer = run.config, run.trainer
     train_stream, eval_stream = load_split(run, "train"), load_split(run, "eval")
     eval_set = _eval_set(run, eval_stream)
     prepare_workdir(workdir)
-    if jax.process_index() == 0:
+    checkpointer = Checkpointer.for_workdir(
+        workdir, max_to_keep=cfg.checkpoint.max_to_keep, keep_every=cfg.checkpoint.keep_every
+    )
+    state = _initial_state(run, checkpointer, init_from)
+    if jax.process_index() == 0:  # only once the checkpoint (if any) was accepted
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(cfg.to_json())
-
-    checkpointer = Checkpointer(workdir, max_to_keep=cfg.checkpoint.max_to_keep)
-    if checkpointer.latest_step() is not None:
-        state, _ = checkpointer.restore(trainer.abstract_state)
-        logging.info("resumed from %s at step %d", checkpointer.directory, int(state["step"]))
-    else:
-        state = trainer.init_state(cfg.train.seed)
     start_step = int(jax.device_get(state["step"]))
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state["params"]))
     logging.info(
@@ -146,26 +192,34 @@ def train(config: Config, workdir: str) -> dict[str, float]:
     result: dict[str, float] = {}
     profile = cfg.train.profile_start_step, cfg.train.profile_start_step + cfg.train.profile_num_steps
     profiling = profile[0] >= 0
-    for step in range(start_step, cfg.train.steps):
-        if profiling and step == profile[0]:
-            jax.profiler.start_trace(os.path.join(workdir, "profile"))
-        state, metrics = train_step(state, trainer.device_batch(next(data_iter)))
-        window.append(metrics)
-        done = step + 1
-        if profiling and done == profile[1]:
-            jax.block_until_ready(state)
-            jax.profiler.stop_trace()
-        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-            values = summarize(window)
-            window = []
-            values |= progress.report(done, values)
-            writer.write(done, "train", values)
-        if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
-            result = run_eval(done)
-        if done % cfg.checkpoint.every == 0 or done == cfg.train.steps:
-            started = time.perf_counter()
-            checkpointer.save(done, state, _meta(run))
-            progress.pause(time.perf_counter() - started)
+    with PreemptionWatcher() as preemption:
+        for step in range(start_step, cfg.train.steps):
+            if profiling and step == profile[0]:
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+            state, metrics = train_step(state, trainer.device_batch(next(data_iter)))
+            window.append(metrics)
+            done = step + 1
+            if profiling and done == profile[1]:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+            last = done == cfg.train.steps
+            stopping = preemption.should_stop(done)
+            if done % cfg.train.log_every == 0 or last or stopping:
+                values = summarize(window)
+                window = []
+                values |= progress.report(done, values)
+                writer.write(done, "train", values)
+            if (done % cfg.train.eval_every == 0 or last) and not stopping:
+                result = run_eval(done)
+            if done % cfg.checkpoint.every == 0 or last or stopping:
+                started = time.perf_counter()
+                checkpointer.save(done, state, _meta(run, done))
+                progress.pause(time.perf_counter() - started)
+            if stopping:
+                checkpointer.close()
+                writer.close()
+                logging.warning("stopped at step %d on request; checkpoint saved in %s", done, checkpointer.directory)
+                return {"stopped_at_step": float(done)}
     if not result:  # resumed at the end: still report the final model
         result = run_eval(start_step)
     checkpointer.close()
@@ -183,14 +237,16 @@ def train(config: Config, workdir: str) -> dict[str, float]:
 
 
 def restore_for_inference(config: Config, workdir: str) -> tuple[Run, Any, int]:
-    """Run objects and the parameters of the latest checkpoint in `workdir`."""
+    """Run objects and the parameters of the latest valid checkpoint in `workdir`."""
     run = setup(config)
-    checkpointer = Checkpointer(workdir, read_only=True)
-    if checkpointer.latest_step() is None:
+    checkpointer = Checkpointer.for_workdir(workdir, read_only=True)
+    if not checkpointer.steps():
         raise ConfigError("workdir", f"no checkpoint in {checkpointer.directory}; train first")
-    state, _ = checkpointer.restore(run.trainer.abstract_state)
+    restored, _, step = checkpointer.restore(
+        {"params": run.trainer.abstract_state["params"]}, _expected_meta(run), partial=True
+    )
     checkpointer.close()
-    return run, state["params"], int(jax.device_get(state["step"]))
+    return run, restored["params"], step
 
 
 def evaluate_checkpoint(config: Config, workdir: str) -> dict[str, float]:

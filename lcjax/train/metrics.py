@@ -117,6 +117,12 @@ def bits_per_byte(nll_per_token: float, tokens: float, num_bytes: float) -> floa
 
 
 def summarize(metrics_list: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean of each scalar over the steps of a logging window (fetched to host once)."""
+    """Reduces a logging window's per-step scalars (fetched to host once): counts are summed, running totals
+    keep their last value, everything else is averaged."""
     host = jax.device_get(metrics_list)
-    return {k: sum(float(m[k]) for m in host) / len(host) for k in host[0]}
+    summed, last = ("skipped", "tokens"), ("skipped_steps",)
+    reduced = {}
+    for k in host[0]:
+        values = [float(m[k]) for m in host]
+        reduced[k] = sum(values) if k in summed else values[-1] if k in last else sum(values) / len(values)
+    return reduced

@@ -1,10 +1,12 @@
 """The train and eval steps: pure functions of (state, batch), jitted once with explicit shardings.
 
-State is a dict {"params": pure dict of fp32 arrays, "opt_state": optax state, "step": int32}. The model is
-rebuilt inside the step with `nnx.merge(graphdef, params)`, with params cast to the compute dtype first, so
-gradients flow back to the fp32 master copy. Loss = mean over `loss_mask` of -log p(target) + z_loss_weight *
-mean(logsumexp^2) + every `aux` entry whose name ends in "loss". A step whose gradients are not finite leaves
-params and optimizer state untouched and reports `skipped=1`.
+State is a dict {"params": pure dict of fp32 arrays, "opt_state": optax state, "step": int32, "skipped_steps":
+int32}. The model is rebuilt inside the step with `nnx.merge(graphdef, params)`, with params cast to the compute
+dtype first, so gradients flow back to the fp32 master copy. Loss = mean over `loss_mask` of -log p(target) +
+z_loss_weight * mean(logsumexp^2) + every `aux` entry whose name ends in "loss". With `grad_accum_steps = A` the
+batch is split into A micro-batches scanned with `lax.scan`; token sums are divided by the whole batch's token
+count, so the update equals the one-batch update. A step whose gradients are not finite leaves params and
+optimizer state untouched, reports `skipped=1` and increments `skipped_steps`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lcjax import models
 from lcjax.layers.params import logical_axes
-from lcjax.parallel.sharding import named_sharding
+from lcjax.parallel.sharding import constrain, named_sharding
 from lcjax.train.optimizer import learning_rate_schedule, make_optimizer
 
 MODEL_INPUT_KEYS = ("inputs", "positions", "segment_ids", "prefix_mask")
@@ -71,12 +73,14 @@ class Trainer:
         opt_shardings = optax.tree_map_params(
             optimizer, lambda _, s: s, abstract_opt, param_shardings, transform_non_params=lambda _: replicated
         )
-        state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
-        abstract_state = {
-            "params": abstract_params,
-            "opt_state": abstract_opt,
-            "step": jax.ShapeDtypeStruct((), jnp.int32),
+        state_shardings = {
+            "params": param_shardings,
+            "opt_state": opt_shardings,
+            "step": replicated,
+            "skipped_steps": replicated,
         }
+        scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        abstract_state = {"params": abstract_params, "opt_state": abstract_opt, "step": scalar, "skipped_steps": scalar}
         abstract_state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings
         )
@@ -86,7 +90,8 @@ class Trainer:
 
     def _init(self, key: jax.Array) -> dict[str, Any]:
         params = nnx.to_pure_dict(nnx.state(models.build(self.config, nnx.Rngs(params=key))))
-        return {"params": params, "opt_state": self.optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+        zero = jnp.zeros((), jnp.int32)
+        return {"params": params, "opt_state": self.optimizer.init(params), "step": zero, "skipped_steps": zero}
 
     def init_state(self, seed: int) -> dict[str, Any]:
         """Initial state, created directly with its shardings (no unsharded copy)."""
@@ -98,42 +103,77 @@ class Trainer:
 
     # -- steps ---------------------------------------------------------------------------------------------
 
-    def _loss(self, params: Any, batch: dict[str, jax.Array]):
+    def _compute_params(self, params: Any) -> Any:
         dtype = jnp.dtype(self.config.train.compute_dtype)
-        compute_params = jax.tree.map(lambda p: p.astype(dtype), params)
-        logits, aux = self.model(compute_params)(model_inputs(batch))
+        return jax.tree.map(lambda p: p.astype(dtype), params)
+
+    def _objective(self, params: Any, batch: dict[str, jax.Array], total_tokens: jax.Array, num_micro: int):
+        """This (micro-)batch's share of the batch objective, and its metric sums."""
+        logits, aux = self.model(self._compute_params(params))(model_inputs(batch))
         nll, log_z = token_losses(logits, batch)
         mask = batch["loss_mask"].astype(jnp.float32)
-        count = jnp.maximum(mask.sum(), 1.0)
-        loss = (nll * mask).sum() / count
-        z_loss = self.config.train.z_loss_weight * (jnp.square(log_z) * mask).sum() / count
+        nll_sum = (nll * mask).sum()
+        z_sum = self.config.train.z_loss_weight * (jnp.square(log_z) * mask).sum()
         aux_losses = sum((v for k, v in aux.items() if k.endswith("loss")), jnp.zeros(()))
-        metrics = {"loss": loss, "z_loss": z_loss, "tokens": mask.sum(), **aux}
-        return loss + z_loss + aux_losses, metrics
+        objective = (nll_sum + z_sum) / total_tokens + aux_losses / num_micro
+        return objective, {"nll_sum": nll_sum, "z_sum": z_sum, "tokens": mask.sum(), **aux}
+
+    def _loss(self, params: Any, batch: dict[str, jax.Array]):
+        """(objective, metrics) of one batch, no accumulation: for tests and analysis."""
+        total = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
+        objective, sums = self._objective(params, batch, total, 1)
+        return objective, _finish_metrics(sums, total, 1)
+
+    def _grads(self, params: Any, batch: dict[str, jax.Array]):
+        total = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
+        grad_fn = jax.grad(self._objective, has_aux=True)
+        accum = self.config.train.grad_accum_steps
+        if accum == 1:
+            grads, sums = grad_fn(params, batch, total, 1)
+            return grads, _finish_metrics(sums, total, 1)
+
+        def split(x):  # micro-batch a takes rows a, a+A, ...: each device keeps its own rows
+            x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+            return constrain(x, (None, *BATCH_AXES, *(None,) * (x.ndim - 3)))
+
+        def body(carry, micro_batch):
+            grads, sums = grad_fn(params, micro_batch, total, accum)
+            return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+        micro_batches = jax.tree.map(split, batch)
+        shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro_batches), total, accum)
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+        (grads, sums), _ = jax.lax.scan(body, zeros, micro_batches)
+        return grads, _finish_metrics(sums, total, accum)
 
     def _train_step(self, state: dict[str, Any], batch: dict[str, jax.Array]):
-        params, opt_state = state["params"], state["opt_state"]
-        (_, metrics), grads = jax.value_and_grad(self._loss, has_aux=True)(params, batch)
+        params, opt_state, step = state["params"], state["opt_state"], state["step"]
+        grads, metrics = self._grads(params, batch)
+        nan_step = self.config.train.debug_nan_step
+        if nan_step >= 0:  # debug switch: poison the gradients of one step to exercise the skip path
+            grads = jax.tree.map(lambda g: jnp.where(step == nan_step, jnp.nan, g), grads)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(grad_norm)
         updates, new_opt_state = self.optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        skipped = 1 - finite.astype(jnp.int32)
         new_state = {
             "params": keep(new_params, params),
             "opt_state": keep(new_opt_state, opt_state),
-            "step": state["step"] + 1,
+            "step": step + 1,
+            "skipped_steps": state["skipped_steps"] + skipped,
         }
         metrics |= {
             "grad_norm": grad_norm,
-            "learning_rate": learning_rate_schedule(self.config.train)(state["step"]),
-            "skipped": 1.0 - finite.astype(jnp.float32),
+            "learning_rate": learning_rate_schedule(self.config.train)(step),
+            "skipped": skipped.astype(jnp.float32),
+            "skipped_steps": new_state["skipped_steps"].astype(jnp.float32),
         }
         return new_state, metrics
 
     def _eval_step(self, params: Any, batch: dict[str, jax.Array]):
-        dtype = jnp.dtype(self.config.train.compute_dtype)
-        logits, _ = self.model(jax.tree.map(lambda p: p.astype(dtype), params))(model_inputs(batch))
+        logits, _ = self.model(self._compute_params(params))(model_inputs(batch))
         nll, _ = token_losses(logits, batch)
         mask = batch["loss_mask"].astype(jnp.float32)
         return {"nll_sum": (nll * mask).sum(), "tokens": mask.sum()}
@@ -160,6 +200,12 @@ class Trainer:
     def device_batch(self, local_batch: dict[str, Any]) -> dict[str, jax.Array]:
         """Assembles global arrays from this process's rows (all rows when there is one process)."""
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local_batch.items()}
+
+
+def _finish_metrics(sums: dict[str, jax.Array], total_tokens: jax.Array, num_micro: int) -> dict[str, jax.Array]:
+    metrics = {"loss": sums.pop("nll_sum") / total_tokens, "z_loss": sums.pop("z_sum") / total_tokens}
+    metrics["tokens"] = sums.pop("tokens")
+    return metrics | {k: v / num_micro for k, v in sums.items()}
 
 
 def _under_mesh(fn: Callable, mesh: Mesh) -> Callable:

@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from lcjax.parallel.mesh import make_mesh
 from lcjax.train.step import Trainer, token_losses
@@ -95,3 +96,47 @@ def test_bfloat16_compute_keeps_float32_params_and_close_loss():
     assert abs(loss16 - loss32) < 0.05 * loss32
     new_state, _ = bf16.jit_train_step()(state, bf16.device_batch(batch))
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(new_state["params"]))
+
+
+def _step_once(trainer, batch):
+    state = trainer.init_state(0)
+    new_state, metrics = trainer.jit_train_step()(state, trainer.device_batch(batch))
+    return jax.device_get(new_state), float(metrics["loss"])
+
+
+@pytest.mark.parametrize("mesh_sizes", [{"data": 1}, {"data": 2, "fsdp": 2}])
+def test_gradient_accumulation_equals_one_big_batch(mesh_sizes):
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1, **mesh_sizes}
+    devices = jax.devices()[: sizes["data"] * sizes["fsdp"]]
+    mesh = make_mesh(sizes, devices=devices)
+    batch = _pattern_batch(batch_size=16, seed=3)
+    batch["loss_mask"][:5, 20:] = 0  # uneven token counts across micro-batches
+    train = {"batch_size": 16, "warmup_steps": 0, "z_loss_weight": 1e-3}
+    one, loss_one = _step_once(Trainer.create(make_config(train=train), mesh), batch)
+    four, loss_four = _step_once(Trainer.create(make_config(train={**train, "grad_accum_steps": 4}), mesh), batch)
+    assert abs(loss_one - loss_four) < 1e-6
+    for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(four["params"]), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    for a, b in zip(jax.tree.leaves(one["opt_state"]), jax.tree.leaves(four["opt_state"]), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_injected_nan_step_is_skipped_and_counted():
+    trainer = _single_device_trainer(train={"warmup_steps": 0, "debug_nan_step": 2})
+    state = trainer.init_state(0)
+    step = trainer.jit_train_step()
+    history = []
+    for i in range(5):
+        before = jax.device_get(state["params"])
+        state, metrics = step(state, trainer.device_batch(_pattern_batch(seed=i)))
+        history.append((before, jax.device_get(state["params"]), float(metrics["skipped"])))
+    assert [h[2] for h in history] == [0.0, 0.0, 1.0, 0.0, 0.0]
+    assert int(state["skipped_steps"]) == 1 and int(state["step"]) == 5
+    for a, b in zip(jax.tree.leaves(history[2][0]), jax.tree.leaves(history[2][1]), strict=True):
+        np.testing.assert_array_equal(a, b)  # step 2 left params untouched
+    changed = [
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(history[3][0]), jax.tree.leaves(history[3][1]), strict=True)
+    ]
+    assert all(changed)  # and training continued
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state["params"])))
