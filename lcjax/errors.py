@@ -7,4 +7,5 @@ class ConfigError(ValueError):
     def __init__(self, field: str, message: str):
         self.field = field
         self.message = message
-        super().__init__(f"{field}: {message}")
+        # "train.steps" + "=0 must be > 0" reads as one assignment; other messages follow a colon.
+        super().__init__(f"{field}{message}" if message.startswith("=") else f"{field}: {message}")

@@ -4,7 +4,11 @@ import os
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
+# libtpu (the `tpu` extra) compiles for TPU topologies here; let several test processes load it at once.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import jax  # noqa: E402
@@ -30,6 +34,19 @@ def make_config(model=None, **sections):
     """A validated-shape Config for tests: a small transformer unless `model` says otherwise."""
     values = {"model": {**SMALL_MODEL, **(model or {})}, **sections}
     return from_dict(values)
+
+
+def run_main(*args, timeout=120):
+    """Runs `python main.py ARGS` in the repository root on CPU; returns the CompletedProcess."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "main.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 @pytest.fixture

@@ -1,13 +1,9 @@
-import os
-import subprocess
-import sys
-
 import pytest
 
 import configs.transformer as transformer_config
 from lcjax.config import from_config_dict, from_dict
 from lcjax.errors import ConfigError
-from tests.conftest import ROOT, make_config
+from tests.conftest import make_config
 
 
 def test_presets_resolve_and_validate():
@@ -57,48 +53,3 @@ def test_validate_errors_name_the_field(sections, field):
     with pytest.raises(ConfigError) as e:
         make_config(model=model, **sections).validate(device_count=8)
     assert e.value.field == field, str(e.value)
-
-
-def _main(*args, timeout=120):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "main.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=ROOT,
-    )
-
-
-@pytest.mark.parametrize(
-    "overrides, expected",
-    [
-        (["--config.model.name=gpt5"], "model.name"),
-        (["--config.train.seq_len=100", "--config.mesh.sequence=8", "--config.mesh.data=1"], "train.seq_len"),
-        (["--config.mesh.data=64"], "mesh"),
-        (
-            [
-                "--config.mesh.tensor=8",
-                "--config.mesh.data=1",
-                "--config.model.num_heads=12",
-                "--config.model.d_model=96",
-            ],
-            "model.num_heads",
-        ),
-        (["--config.train.stpes=5"], "stpes"),
-        (["--config.data.tokenizer=/nonexistent/tok.model"], "data.tokenizer"),
-    ],
-)
-def test_main_rejects_bad_configs_with_status_2(tmp_path, overrides, expected):
-    workdir = tmp_path / "run"
-    result = _main("--config=configs/transformer.py:tiny", f"--workdir={workdir}", *overrides)
-    assert result.returncode == 2, result.stderr[-2000:]
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and expected in error_lines[0], result.stderr[-2000:]
-    assert not workdir.exists()
-
-
-def test_main_rejects_unknown_preset():
-    result = _main("--config=configs/transformer.py:huge", "--workdir=/tmp/unused")
-    assert result.returncode == 2 and "unknown preset 'huge'" in result.stderr

@@ -3,7 +3,7 @@
 import json
 import math
 
-from tests.test_config import _main
+from tests.conftest import run_main as _main
 
 RUN = [
     "--config=configs/transformer.py:tiny",

@@ -95,30 +95,42 @@ def prepare_workdir(workdir: str) -> None:
         raise ConfigError("workdir", f"cannot write to {workdir!r}: {e.strerror}") from None
 
 
-def _initial_state(run: Run, checkpointer: Checkpointer, init_from: str) -> dict[str, Any]:
-    """The workdir's latest valid checkpoint; else fresh state, with params from `init_from` if given."""
+def _initial_state(run: Run, workdir: str, init_from: str) -> tuple[dict[str, Any], Checkpointer]:
+    """Resumes from the workdir's latest valid checkpoint; else fresh state, with params from `init_from` if given.
+
+    Everything that can fail happens before the workdir is created or written.
+    """
     cfg, trainer = run.config, run.trainer
-    if checkpointer.steps():
-        state, meta, step = checkpointer.restore(trainer.abstract_state, _expected_meta(run))
-        data = meta.get("data", {})
-        if data.get("seed") != cfg.train.seed or data.get("step") != step:
-            raise ConfigError(
-                "train.seed",
-                f"={cfg.train.seed}, but checkpoint {step} was trained on data seed {data.get('seed')} at data step "
-                f"{data.get('step')}; resuming would change the data order (use --init_from for a new run)",
-            )
-        logging.info("resumed from %s at step %d", checkpointer.directory, step)
-        return state
-    state = trainer.init_state(cfg.train.seed)
+    options = {"max_to_keep": cfg.checkpoint.max_to_keep, "keep_every": cfg.checkpoint.keep_every}
+    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+        checkpointer = Checkpointer.for_workdir(workdir, **options)
+        if checkpointer.steps():
+            state, meta, step = checkpointer.restore(trainer.abstract_state, _expected_meta(run))
+            data = meta.get("data", {})
+            if data.get("seed") != cfg.train.seed or data.get("step") != step:
+                raise ConfigError(
+                    "train.seed",
+                    f"={cfg.train.seed}, but checkpoint {step} was trained on data seed {data.get('seed')} at data "
+                    f"step {data.get('step')}; resuming would change the data order (use --init_from for a new run)",
+                )
+            prepare_workdir(workdir)  # fail now, not at the next save, if it became read-only
+            logging.info("resumed from %s at step %d", checkpointer.directory, step)
+            return state, checkpointer
+        checkpointer.close()
+    params = None
     if init_from:
         source = Checkpointer(_checkpoint_dir(init_from), read_only=True)
         restored, _, step = source.restore(
             {"params": trainer.abstract_state["params"]}, _expected_meta(run), partial=True
         )
         source.close()
-        state["params"] = restored["params"]
-        logging.info("initialized parameters from %s step %d", source.directory, step)
-    return state
+        params = restored["params"]
+        logging.info("initializing parameters from %s step %d", source.directory, step)
+    prepare_workdir(workdir)
+    state = trainer.init_state(cfg.train.seed)
+    if params is not None:
+        state["params"] = params
+    return state, Checkpointer.for_workdir(workdir, **options)
 
 
 def _checkpoint_dir(path: str) -> str:
@@ -141,11 +153,7 @@ def train(config: Config, workdir: str, *, init_from: str = "") -> dict[str, flo
     cfg, trainer = run.config, run.trainer
     train_stream, eval_stream = load_split(run, "train"), load_split(run, "eval")
     eval_set = _eval_set(run, eval_stream)
-    prepare_workdir(workdir)
-    checkpointer = Checkpointer.for_workdir(
-        workdir, max_to_keep=cfg.checkpoint.max_to_keep, keep_every=cfg.checkpoint.keep_every
-    )
-    state = _initial_state(run, checkpointer, init_from)
+    state, checkpointer = _initial_state(run, workdir, init_from)
     if jax.process_index() == 0:  # only once the checkpoint (if any) was accepted
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(cfg.to_json())

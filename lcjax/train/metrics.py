@@ -126,3 +126,16 @@ def summarize(metrics_list: list[dict[str, Any]]) -> dict[str, float]:
         values = [float(m[k]) for m in host]
         reduced[k] = sum(values) if k in summed else values[-1] if k in last else sum(values) / len(values)
     return reduced
+
+
+def read_metrics(workdir: str, split: str = "train") -> dict[int, dict[str, float]]:
+    """{step: record} from `<workdir>/metrics.jsonl`; after a resume the re-logged step replaces the earlier one."""
+    records = {}
+    path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                record = json.loads(line)
+                if record["split"] == split:
+                    records[record["step"]] = record
+    return records

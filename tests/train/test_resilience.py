@@ -13,8 +13,9 @@ import pytest
 
 from lcjax.config import from_dict
 from lcjax.train import loop
+from lcjax.train.metrics import read_metrics
 from tests.conftest import ROOT
-from tests.test_config import _main
+from tests.conftest import run_main as _main
 
 SMALL = [
     "--config=configs/transformer.py:tiny",
@@ -44,14 +45,7 @@ def corpus(tmp_path_factory):
 
 
 def train_losses(workdir) -> dict[int, float]:
-    """Per-step train loss; after a resume the re-logged step overrides the earlier line."""
-    losses = {}
-    with open(workdir / "metrics.jsonl") as f:
-        for line in f:
-            record = json.loads(line)
-            if record["split"] == "train":
-                losses[record["step"]] = record["loss"]
-    return losses
+    return {step: record["loss"] for step, record in read_metrics(str(workdir)).items()}
 
 
 def final_params(workdir):
