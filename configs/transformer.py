@@ -9,22 +9,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import base  # noqa: E402
 
-MODEL = {
-    "name": "transformer",
-    "vocab_size": 256,
-    "d_model": 128,
-    "num_layers": 4,
-    "num_heads": 4,
-    "num_kv_heads": 2,
-    "head_dim": 0,
-    "mlp_dim": 384,
-    "tie_embeddings": True,
-    "rope_theta": 10000.0,
-    "norm_eps": 1e-5,
-    "init_std": 0.02,
-    "scan_layers": True,
-    "remat": "none",
-}
+from lcjax.models.transformer import TransformerConfig  # noqa: E402
 
 PRESETS = {
     "tiny": {
@@ -100,6 +85,4 @@ PRESETS = {
 
 
 def get_config(preset: str = "tiny"):
-    config = base.get_config()
-    config.model.update(MODEL)
-    return base.apply_preset(config, PRESETS, preset or "tiny")
+    return base.apply_preset(base.with_model(TransformerConfig()), PRESETS, preset or "tiny")

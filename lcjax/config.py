@@ -228,7 +228,7 @@ def build_section(cls: type, values: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
-_SECTIONS = {
+SECTIONS = {
     "attention": AttentionConfig,
     "train": TrainConfig,
     "data": DataConfig,
@@ -241,14 +241,14 @@ _SECTIONS = {
 
 def from_dict(values: dict[str, Any]) -> Config:
     """Builds a Config from nested plain dicts (a ConfigDict's `to_dict()`, or a saved config.json)."""
-    unknown = sorted(set(values) - set(_SECTIONS) - {"model"})
+    unknown = sorted(set(values) - set(SECTIONS) - {"model"})
     if unknown:
-        raise ConfigError(unknown[0], f"unknown section; expected model or one of {sorted(_SECTIONS)}")
+        raise ConfigError(unknown[0], f"unknown section; expected model or one of {sorted(SECTIONS)}")
     model_values = dict(values.get("model", {}))
     name = model_values.get("name")
     if name not in registry.names():
         raise ConfigError("model.name", f"unknown model {name!r}; expected one of {registry.names()}")
-    sections = {k: build_section(cls, dict(values.get(k, {})), k) for k, cls in _SECTIONS.items()}
+    sections = {k: build_section(cls, dict(values.get(k, {})), k) for k, cls in SECTIONS.items()}
     model = build_section(registry.config_class(name), model_values, "model")
     return Config(model=model, **sections)
 
