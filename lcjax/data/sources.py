@@ -84,10 +84,13 @@ def _expand(pattern: str, field: str) -> list[str]:
 
 
 def _documents(source: str, files: list[str], text_key: str) -> Iterable[tuple[str, bytes]]:
-    """(key, raw utf-8 bytes) per document; key is what the train/eval hash split uses."""
+    """(key, raw utf-8 bytes) per document. The key, which the train/eval hash split uses, is the path relative
+    to the files' common directory (plus the line for jsonl), so moving a data set does not change its split."""
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
     for path in files:
+        key = os.path.relpath(os.path.abspath(path), root)
         if source == "text":
-            yield path, Path(path).read_bytes()
+            yield key, Path(path).read_bytes()
             continue
         with open(path, encoding="utf-8") as f:
             for line_no, line in enumerate(f):
@@ -100,7 +103,7 @@ def _documents(source: str, files: list[str], text_key: str) -> Iterable[tuple[s
                         "data.path",
                         f"{path}:{line_no + 1}: not a JSON object with key {text_key!r} ({type(e).__name__})",
                     ) from None
-                yield f"{path}:{line_no}", str(text).encode("utf-8")
+                yield f"{key}:{line_no}", str(text).encode("utf-8")
 
 
 def load_stream(data_config, tokenizer: Tokenizer, split: str):

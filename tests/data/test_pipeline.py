@@ -176,3 +176,18 @@ def test_resume_neither_repeats_nor_skips_examples():
         seen = [i for batch in before + after for i in batch]
         assert sorted(seen) == list(range(rows))  # none repeated, none skipped
         assert before + after == uninterrupted
+
+
+def test_moving_a_data_set_keeps_its_split(tmp_path):
+    for where in ("a", "b/deeper"):
+        for i in range(30):
+            (tmp_path / where / "docs").mkdir(parents=True, exist_ok=True)
+            (tmp_path / where / "docs" / f"{i}.txt").write_text(f"text {i}\n")
+    load = lambda where, split: (
+        sources.load_stream(
+            DataConfig(source="text", path=str(tmp_path / where / "docs"), eval_fraction=0.3), ByteTokenizer(), split
+        ).tokens
+    )
+    for split in sources.SPLITS:
+        np.testing.assert_array_equal(load("a", split), load("b/deeper", split))
+    assert 0 < len(load("a", "eval")) < len(load("a", "train"))
