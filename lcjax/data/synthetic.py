@@ -10,6 +10,8 @@ query position is that key's value. Other query-region slots hold random tokens.
 
 S-NIAH passkey (RULER-style): a filler haystack with one needle sentence "The pass key is N. Remember it. N is
 the pass key." inserted at a given depth, then the question; the targets are the answer's tokens.
+
+Phonebook lookup (Birdie-style) and selective copying (Mamba) are described at their classes.
 """
 
 from __future__ import annotations
@@ -118,3 +120,136 @@ class Passkey:
         loss_mask = np.zeros(self.seq_len, np.float32)
         loss_mask[self.seq_len - len(answer) :] = 1.0
         return {"inputs": tokens[:-1], "targets": tokens[1:], "loss_mask": loss_mask, "needle_start": np.int32(cut)}
+
+
+def _text_example(tokenizer: Tokenizer, prompt: str, answer: str, seq_len: int, pad: str, field: str):
+    """inputs/targets/loss_mask of length seq_len for `prompt` + `answer` (targets only on the answer),
+    left-padded with repetitions of `pad` text."""
+    prompt_ids = np.asarray(tokenizer.encode(prompt), np.int32)
+    answer_ids = np.asarray(tokenizer.encode(answer), np.int32)
+    room = seq_len + 1 - len(prompt_ids) - len(answer_ids)
+    if room < 0:
+        raise ConfigError(field, f"={seq_len} is too short for the task ({len(prompt_ids) + len(answer_ids)} tokens)")
+    filler = np.resize(np.asarray(tokenizer.encode(pad), np.int32), room)
+    tokens = np.concatenate([filler, prompt_ids, answer_ids])
+    loss_mask = np.zeros(seq_len, np.float32)
+    loss_mask[seq_len - len(answer_ids) :] = 1.0
+    return {"inputs": tokens[:-1], "targets": tokens[1:], "loss_mask": loss_mask}
+
+
+FIRST_NAMES = (
+    "Ada",
+    "Alan",
+    "Barbara",
+    "Claude",
+    "Donald",
+    "Edsger",
+    "Frances",
+    "Grace",
+    "John",
+    "Ken",
+    "Leslie",
+    "Margaret",
+    "Niklaus",
+    "Radia",
+    "Shafi",
+    "Tim",
+    "Yoshua",
+    "Geoffrey",
+    "Fei-Fei",
+    "Judea",
+)
+LAST_NAMES = (
+    "Lovelace",
+    "Turing",
+    "Liskov",
+    "Shannon",
+    "Knuth",
+    "Dijkstra",
+    "Allen",
+    "Hopper",
+    "McCarthy",
+    "Thompson",
+    "Lamport",
+    "Hamilton",
+    "Wirth",
+    "Perlman",
+    "Goldwasser",
+    "Berners-Lee",
+    "Bengio",
+    "Hinton",
+    "Li",
+    "Pearl",
+)
+
+
+class Phonebook:
+    """Multi-number phonebook lookup (Birdie-style): the question stands before and after a book of `num_entries`
+    "Name: number" lines; the answer lists the `num_queries` asked numbers in the order asked."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        seq_len: int,
+        num_entries: int,
+        num_queries: int,
+        num_examples: int,
+        seed: int = 0,
+    ):
+        if not 1 <= num_queries <= num_entries <= len(FIRST_NAMES) * len(LAST_NAMES):
+            raise ConfigError("phonebook.num_queries", f"={num_queries} must be in [1, num_entries={num_entries}]")
+        self.tokenizer, self.seq_len, self.num_entries = tokenizer, seq_len, num_entries
+        self.num_queries, self.num_examples, self.seed = num_queries, num_examples, seed
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def book(self, index: int) -> tuple[list[tuple[str, str]], list[int]]:
+        """The (name, number) entries and the indices of the queried entries."""
+        rng = _rng(self.seed, index)
+        people = rng.choice(len(FIRST_NAMES) * len(LAST_NAMES), self.num_entries, replace=False)
+        names = [f"{FIRST_NAMES[p // len(LAST_NAMES)]} {LAST_NAMES[p % len(LAST_NAMES)]}" for p in people]
+        numbers = [f"{rng.integers(200, 1000)}-{rng.integers(0, 10000):04d}" for _ in names]
+        return list(zip(names, numbers, strict=True)), rng.choice(
+            self.num_entries, self.num_queries, replace=False
+        ).tolist()
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        entries, asked = self.book(index)
+        question = "What are the numbers of " + ", ".join(entries[i][0] for i in asked) + "?\n"
+        book = "".join(f"{name}: {number}\n" for name, number in entries)
+        answer = "".join(f"{entries[i][0]}: {entries[i][1]}\n" for i in asked)
+        return _text_example(
+            self.tokenizer, question + book + question, answer, self.seq_len, "\n", "phonebook.seq_len"
+        )
+
+
+class SelectiveCopy:
+    """Selective copying (Mamba paper): `num_tokens` data tokens from [2, V) scattered in order among noise
+    tokens (id 0) over a context, then a marker (id 1); the targets are the data tokens, in order."""
+
+    NOISE, MARKER = 0, 1
+
+    def __init__(self, *, vocab_size: int, seq_len: int, num_tokens: int, num_examples: int, seed: int = 0):
+        context = seq_len - num_tokens
+        if vocab_size < 3 or num_tokens < 1 or context < num_tokens:
+            raise ConfigError(
+                "selective_copy.num_tokens", f"={num_tokens} needs seq_len >= 2*num_tokens + 1 and vocab_size >= 3"
+            )
+        self.vocab_size, self.seq_len, self.num_tokens = vocab_size, seq_len, num_tokens
+        self.num_examples, self.seed = num_examples, seed
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        rng = _rng(self.seed, index)
+        context_len = self.seq_len - self.num_tokens  # context, then the marker, then the copies
+        data = rng.integers(2, self.vocab_size, self.num_tokens)
+        context = np.full(context_len, self.NOISE)
+        context[np.sort(rng.choice(context_len, self.num_tokens, replace=False))] = data
+        tokens = np.concatenate([context, [self.MARKER], data]).astype(np.int32)
+        loss_mask = np.zeros(self.seq_len, np.float32)
+        loss_mask[context_len:] = 1.0
+        return {"inputs": tokens[:-1], "targets": tokens[1:], "loss_mask": loss_mask}

@@ -40,3 +40,16 @@ def maybe_initialize(
         jax.device_count(),
     )
     return True
+
+
+def barrier(name: str, timeout_s: int = 1800) -> None:
+    """Waits until every process reaches `name`, through the coordination service (as orbax does).
+
+    Gloo gives the peers of a first CPU collective only 30 s to meet, so processes whose compile times differ
+    by more than that must meet here first. A no-op for one process.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed  # the client has no public wrapper yet
+
+    jax_distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)

@@ -20,6 +20,7 @@ from lcjax.data.tokenizers import Tokenizer, load_tokenizer
 from lcjax.errors import ConfigError
 from lcjax.eval import generate as generation
 from lcjax.eval.perplexity import evaluate, unigram_entropy_bits
+from lcjax.parallel import distributed
 from lcjax.parallel.mesh import make_mesh
 from lcjax.train.checkpoint import Checkpointer, parameter_layout
 from lcjax.train.metrics import MetricWriter, Progress, summarize
@@ -178,6 +179,10 @@ def train(config: Config, workdir: str, *, init_from: str = "") -> dict[str, flo
     )
     data_iter = pipeline.iterate_from(batches, start_step, cfg.data.num_threads)
     train_step, eval_step = trainer.jit_train_step(), trainer.jit_eval_step()
+    if jax.process_count() > 1:  # compile everywhere first, then meet: no process waits in a collective
+        train_step = train_step.lower(state, trainer.device_batch(batches[start_step])).compile()
+        eval_step = eval_step.lower(state["params"], trainer.device_batch(eval_set[0])).compile()
+        distributed.barrier("lcjax_steps_compiled")
     writer = MetricWriter(workdir)
     progress = Progress(
         cfg.train.steps,

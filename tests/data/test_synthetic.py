@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lcjax.data.synthetic import MQAR, Passkey
+from lcjax.data.synthetic import MQAR, Passkey, Phonebook, SelectiveCopy
 from lcjax.data.tokenizers import ByteTokenizer
 from lcjax.errors import ConfigError
 
@@ -69,3 +69,37 @@ def test_passkey_appears_once_at_depth_and_is_the_answer(depth):
         task[3]["inputs"], Passkey(tok, seq_len=600, depth=depth, num_examples=10, seed=1)[3]["inputs"]
     )
     assert task.passkey(3) != task.passkey(4)
+
+
+def test_phonebook_answer_matches_the_book_and_question_is_on_both_sides():
+    tok = ByteTokenizer()
+    task = Phonebook(tok, seq_len=1024, num_entries=20, num_queries=3, num_examples=5, seed=2)
+    for i in range(5):
+        ex = task[i]
+        entries, asked = task.book(i)
+        assert ex["inputs"].shape == (1024,) and len({name for name, _ in entries}) == 20
+        text = tok.decode(ex["inputs"].tolist())
+        question = "What are the numbers of " + ", ".join(entries[j][0] for j in asked) + "?\n"
+        assert text.count(question) == 2
+        first, second = text.index(question), text.rindex(question)
+        book = text[first + len(question) : second]
+        assert book == "".join(f"{n}: {p}\n" for n, p in entries)
+        answer = tok.decode(ex["targets"][ex["loss_mask"] > 0].tolist())
+        assert answer == "".join(f"{entries[j][0]}: {entries[j][1]}\n" for j in asked)
+    with pytest.raises(ConfigError, match="phonebook.seq_len"):
+        Phonebook(tok, seq_len=100, num_entries=20, num_queries=3, num_examples=1)[0]
+
+
+def test_selective_copy_targets_are_the_scattered_tokens_in_order():
+    task = SelectiveCopy(vocab_size=16, seq_len=64, num_tokens=8, num_examples=20, seed=0)
+    for i in range(20):
+        ex = task[i]
+        context = ex["inputs"][:56]
+        data = context[context != SelectiveCopy.NOISE]
+        assert len(data) == 8 and data.min() >= 2
+        assert ex["inputs"][56] == SelectiveCopy.MARKER
+        np.testing.assert_array_equal(ex["targets"][ex["loss_mask"] > 0], data)
+        assert ex["loss_mask"].sum() == 8
+    assert not np.array_equal(task[0]["inputs"], task[1]["inputs"])
+    with pytest.raises(ConfigError, match="selective_copy.num_tokens"):
+        SelectiveCopy(vocab_size=16, seq_len=10, num_tokens=8, num_examples=1)
