@@ -93,8 +93,10 @@ def main(argv):
             result = loop.train(config, _WORKDIR.value, init_from=_INIT_FROM.value)
             print("final eval: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
         elif _MODE.value == "eval":
-            result = loop.evaluate_checkpoint(config, _WORKDIR.value)
-            print("eval: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
+            report = loop.evaluate_checkpoint(config, _WORKDIR.value)
+            line = {k: v for k, v in report.items() if isinstance(v, float) and not k.startswith("loss_pos/")}
+            line |= {f"{t}/answer_accuracy": m["answer_accuracy"] for t, m in report["tasks"].items()}
+            print(f"eval at step {report['step']}: " + "  ".join(f"{k} {v:.4f}" for k, v in line.items()))
         else:  # every process takes part; process 0 prints
             text = loop.generate_text(config, _WORKDIR.value, _PROMPT.value)
             if jax.process_index() == 0:

@@ -14,6 +14,8 @@ import types
 import typing
 from typing import Any
 
+from lcjax.data import synthetic
+from lcjax.data.tokenizers import ByteTokenizer
 from lcjax.errors import ConfigError
 from lcjax.layers.attention import AttentionConfig
 from lcjax.models import registry
@@ -56,9 +58,13 @@ class TrainConfig:
             raise ConfigError("train", "grad_clip, weight_decay and z_loss_weight must be >= 0")
 
 
+TEXT_SOURCES = ("stdlib", "text", "jsonl", "arrayrecord")
+TASK_NAMES = synthetic.TASKS
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: str = "stdlib"  # stdlib | text | jsonl | arrayrecord
+    source: str = "stdlib"  # stdlib | text | jsonl | arrayrecord, or a synthetic task (TASK_NAMES)
     path: str = ""  # file, directory or glob for text/jsonl/arrayrecord
     eval_path: str = ""  # optional separate validation files; else a hash split of `path`
     tokenizer: str = "bytes"  # "bytes", or a path to a sentencepiece .model or a HF tokenizer.json
@@ -67,24 +73,51 @@ class DataConfig:
     num_threads: int = 1
 
     def validate(self) -> None:
-        if self.source not in ("stdlib", "text", "jsonl", "arrayrecord"):
+        if self.source not in TEXT_SOURCES + TASK_NAMES:
             raise ConfigError(
-                "data.source", f"unknown source {self.source!r}; expected stdlib, text, jsonl or arrayrecord"
+                "data.source", f"unknown source {self.source!r}; expected one of {TEXT_SOURCES + TASK_NAMES}"
             )
-        if self.source != "stdlib" and not self.path:
+        if self.source in TEXT_SOURCES[1:] and not self.path:
             raise ConfigError("data.path", f"is required for data.source={self.source!r}")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ConfigError("data.eval_fraction", f"must be in (0, 1), got {self.eval_fraction}")
 
 
 @dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """Parameters of the synthetic tasks (`data.source=<task>` trains on one; `eval.tasks` scores several).
+    Every task runs at `train.seq_len`; MQAR and selective copying draw tokens from `model.vocab_size`."""
+
+    num_kv_pairs: int = 8  # mqar: D
+    num_passes: int = 1  # mqar: times the key-value block is repeated
+    power_a: float = 0.01  # mqar: query gap distribution p(g) ~ g^(a-1)
+    num_train_examples: int = 100_000  # training set size of a task source (the eval set uses another seed)
+    depth: float = 0.5  # S-NIAH: needle depth in [0, 1]
+    num_entries: int = 8  # phonebook: entries in the book
+    num_queries: int = 1  # phonebook: numbers asked for
+    num_tokens: int = 16  # selective copying: tokens to copy
+
+    def validate(self) -> None:
+        _positive("task.num_train_examples", self.num_train_examples)
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalConfig:
     num_batches: int = 8
     batch_size: int = 16
+    tasks: str = ""  # comma-separated synthetic tasks scored at every eval, e.g. "mqar,passkey"
+    jrt_prompt: bool = False  # score tasks with JRT-Prompt (the in-context document twice before the question)
+
+    @property
+    def task_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.tasks.split(",") if t.strip())
 
     def validate(self) -> None:
         _positive("eval.num_batches", self.num_batches)
         _positive("eval.batch_size", self.batch_size)
+        for task in self.task_list:
+            if task not in TASK_NAMES:
+                raise ConfigError("eval.tasks", f"unknown task {task!r}; expected a comma list of {TASK_NAMES}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,13 +183,14 @@ class Config:
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
     eval: EvalConfig = EvalConfig()
+    task: TaskConfig = TaskConfig()
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     generate: GenerateConfig = GenerateConfig()
 
     def validate(self, device_count: int) -> Config:
         """Checks every cross-field rule; raises ConfigError naming the field. Returns self for chaining."""
-        for section in (self.train, self.data, self.eval, self.checkpoint, self.generate):
+        for section in (self.train, self.data, self.eval, self.task, self.checkpoint, self.generate):
             section.validate()
         self.attention.validate()
         self.mesh.validate(device_count)
@@ -183,7 +217,26 @@ class Config:
                 "train.seq_len", f"={self.train.seq_len} must be divisible by mesh.sequence={mesh['sequence']}"
             )
         self.model.validate(self, mesh)
+        self._validate_tasks()
         return self
+
+    def _validate_tasks(self) -> None:
+        """Builds each configured task once so a bad task parameter fails here, naming its flag. Text tasks
+        with a tokenizer file are checked when the tokenizer loads (still before anything is written)."""
+        tasks = set(self.eval.task_list) | ({self.data.source} & set(TASK_NAMES))
+        for name in sorted(tasks):
+            text_task = name in synthetic.TEXT_TASKS
+            if text_task and self.data.tokenizer != "bytes":
+                continue
+            synthetic.make_task(
+                name,
+                self.task,
+                tokenizer=ByteTokenizer(),
+                vocab_size=self.model.vocab_size,
+                seq_len=self.train.seq_len,
+                num_examples=1,
+                seed=0,
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -233,6 +286,7 @@ SECTIONS = {
     "train": TrainConfig,
     "data": DataConfig,
     "eval": EvalConfig,
+    "task": TaskConfig,
     "mesh": MeshConfig,
     "checkpoint": CheckpointConfig,
     "generate": GenerateConfig,

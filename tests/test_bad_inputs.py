@@ -83,6 +83,12 @@ CASES = {
         ["--config.data.source=arrayrecord", "--config.data.path={base}/shards", "--config.model.vocab_size=260"],
         "token id 299 >= model.vocab_size=260",
     ),
+    "unknown eval task": (["--config.eval.tasks=mqar,needle"], "eval.tasks: unknown task 'needle'"),
+    "mqar with too many pairs": (
+        ["--config.data.source=mqar", "--config.model.vocab_size=512", "--config.task.num_kv_pairs=9"],
+        "task.num_kv_pairs=9 with task.num_passes=1 needs 2*D*p + 2*D = 36 <= train.seq_len=32",
+    ),
+    "passkey longer than seq_len": (["--config.eval.tasks=passkey"], "train.seq_len=32 leaves no room"),
     "unwritable workdir": (["--workdir={base}/a_file/run"], "workdir: cannot write"),
     "init_from missing": (["--init_from={base}/nowhere"], "init_from"),
     "checkpoint of another shape": (

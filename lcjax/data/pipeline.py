@@ -76,3 +76,38 @@ def iterate_from(batches: grain.MapDataset, start_step: int, num_threads: int):
     """Iterator over `batches[start_step:]` with background prefetch."""
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2, 2 * num_threads))
     return iter(batches[start_step:].to_iter_dataset(options))
+
+
+DEVICE_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def _device_fields(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drops host-only metadata (e.g. a task's context span) so every batch field is [batch, length]."""
+    return {k: v for k, v in example.items() if k in DEVICE_KEYS}
+
+
+def example_train_batches(
+    examples, *, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1
+) -> grain.MapDataset:
+    """Like `train_batches` for a random-access source of whole examples (a synthetic task): `ds[k]` is this
+    process's slice of global batch k, a pure function of (seed, k)."""
+    if len(examples) < global_batch:
+        raise ConfigError(
+            "task.num_train_examples", f"={len(examples)} is smaller than one batch (train.batch_size={global_batch})"
+        )
+    local = global_batch // process_count
+    order = grain.MapDataset.range(len(examples)).shuffle(seed=seed).repeat()
+    return order[process_index::process_count].map(lambda i: _device_fields(examples[int(i)])).batch(local)
+
+
+def example_eval_batches(
+    examples, *, global_batch: int, num_batches: int, process_index: int = 0, process_count: int = 1
+) -> list[dict[str, np.ndarray]]:
+    """A fixed evaluation set: examples 0 .. num_batches * global_batch - 1 of `examples`, in order."""
+    local = global_batch // process_count
+    batches = []
+    for b in range(num_batches):
+        mine = range(b * global_batch, (b + 1) * global_batch)[process_index::process_count][:local]
+        rows = [_device_fields(examples[i]) for i in mine]
+        batches.append({k: np.stack([r[k] for r in rows]) for k in rows[0]})
+    return batches

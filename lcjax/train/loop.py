@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 
 from lcjax.config import Config
-from lcjax.data import pipeline, sources
+from lcjax.data import pipeline, sources, synthetic
 from lcjax.data.tokenizers import Tokenizer, load_tokenizer
 from lcjax.errors import ConfigError
 from lcjax.eval import generate as generation
@@ -35,11 +35,18 @@ class Run:
     tokenizer: Tokenizer
 
 
-def setup(config: Config) -> Run:
-    """Mesh, tokenizer and trainer for a validated config; checks the tokenizer against the model's vocab."""
+def _uses_text(config: Config) -> bool:
+    """Whether the run feeds tokenizer output to the model (MQAR and selective copying use raw token ids)."""
+    tasks = {config.data.source, *config.eval.task_list}
+    return config.data.source not in synthetic.TASKS or bool(tasks & set(synthetic.TEXT_TASKS))
+
+
+def setup(config: Config, *, text: bool = False) -> Run:
+    """Mesh, tokenizer and trainer for a validated config; checks the tokenizer against the model's vocabulary
+    when text goes through it (always with `text`, as for generation)."""
     mesh = make_mesh(config.mesh.shape(jax.device_count()))
     tokenizer = load_tokenizer(config.data.tokenizer)
-    if tokenizer.vocab_size > config.model.vocab_size:
+    if (text or _uses_text(config)) and tokenizer.vocab_size > config.model.vocab_size:
         raise ConfigError(
             "model.vocab_size",
             f"={config.model.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer.vocab_size})",
@@ -66,6 +73,108 @@ def _eval_set(run: Run, stream) -> list[dict[str, np.ndarray]]:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+
+
+EVAL_SEED_OFFSET = 1_000_003  # a task's eval examples come from train.seed + this: a stream apart from training
+
+
+def task_examples(run: Run, name: str, split: str, *, jrt_prompt: bool = False):
+    """The random-access examples of synthetic task `name` for `split` ("train" or "eval")."""
+    cfg = run.config
+    train = split == "train"
+    return synthetic.make_task(
+        name,
+        cfg.task,
+        tokenizer=run.tokenizer,
+        vocab_size=cfg.model.vocab_size,
+        seq_len=cfg.train.seq_len,
+        num_examples=cfg.task.num_train_examples if train else cfg.eval.num_batches * cfg.eval.batch_size,
+        seed=cfg.train.seed if train else cfg.train.seed + EVAL_SEED_OFFSET,
+        jrt_prompt=jrt_prompt,
+    )
+
+
+def _is_task(run: Run) -> bool:
+    return run.config.data.source in synthetic.TASKS
+
+
+@dataclasses.dataclass
+class EvalSets:
+    """The validation set of the training source ("eval") and one set per `eval.tasks` entry."""
+
+    primary: list[dict[str, np.ndarray]]
+    primary_is_task: bool
+    tasks: dict[str, list[dict[str, np.ndarray]]]
+    text_stream: Any = None  # the eval token stream of a text source (for the unigram-entropy reference)
+
+
+def load_eval_sets(run: Run) -> EvalSets:
+    cfg = run.config
+    shard = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+    sizes = {"global_batch": cfg.eval.batch_size, "num_batches": cfg.eval.num_batches, **shard}
+    tasks = {
+        name: pipeline.example_eval_batches(task_examples(run, name, "eval", jrt_prompt=cfg.eval.jrt_prompt), **sizes)
+        for name in cfg.eval.task_list
+    }
+    if _is_task(run):
+        primary = pipeline.example_eval_batches(task_examples(run, cfg.data.source, "eval"), **sizes)
+        return EvalSets(primary, True, tasks)
+    stream = load_split(run, "eval")
+    return EvalSets(_eval_set(run, stream), False, tasks, stream)
+
+
+def load_train_batches(run: Run):
+    """(batches, token count or None): `batches[k]` is this process's part of global batch k."""
+    cfg = run.config
+    shard = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+    if _is_task(run):
+        examples = task_examples(run, cfg.data.source, "train")
+        batches = pipeline.example_train_batches(
+            examples, global_batch=cfg.train.batch_size, seed=cfg.train.seed, **shard
+        )
+        return batches, None
+    stream = load_split(run, "train")
+    batches = pipeline.train_batches(
+        stream, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size, seed=cfg.train.seed, **shard
+    )
+    return batches, stream.num_tokens
+
+
+def evaluate_all(run: Run, eval_fns: dict[str, Any], params: Any, sets: EvalSets) -> dict[str, dict[str, float]]:
+    """{"eval": metrics of the primary set, "<task>": metrics of each eval task}."""
+    results = {
+        "eval": evaluate(
+            eval_fns["eval"],
+            params,
+            sets.primary,
+            run.trainer.device_batch,
+            tokens_are_bytes=run.tokenizer.is_bytes,
+            task=sets.primary_is_task,
+        )
+    }
+    for name, batches in sets.tasks.items():
+        results[name] = evaluate(
+            eval_fns[name], params, batches, run.trainer.device_batch, tokens_are_bytes=False, task=True
+        )
+    return results
+
+
+def _eval_fns(run: Run, params: Any, sets: EvalSets) -> dict[str, Any]:
+    """The eval step for every set; with several processes each is compiled now, before the processes meet."""
+    step = run.trainer.jit_eval_step()
+    named = {"eval": sets.primary, **sets.tasks}
+    if jax.process_count() == 1:
+        return dict.fromkeys(named, step)
+    return {k: step.lower(params, run.trainer.device_batch(v[0])).compile() for k, v in named.items()}
+
+
+def headline(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The figures worth a line: the primary metrics without position buckets, and each task's accuracy."""
+    line = {k: v for k, v in results["eval"].items() if not k.startswith("loss_pos/")}
+    for name, metrics in results.items():
+        if name != "eval":
+            line[f"{name}/answer_accuracy"] = metrics["answer_accuracy"]
+    return line
 
 
 def _expected_meta(run: Run) -> dict[str, Any]:
@@ -152,36 +261,29 @@ def train(config: Config, workdir: str, *, init_from: str = "") -> dict[str, flo
     """
     run = setup(config)
     cfg, trainer = run.config, run.trainer
-    train_stream, eval_stream = load_split(run, "train"), load_split(run, "eval")
-    eval_set = _eval_set(run, eval_stream)
+    batches, train_tokens = load_train_batches(run)
+    eval_sets = load_eval_sets(run)
     state, checkpointer = _initial_state(run, workdir, init_from)
     if jax.process_index() == 0:  # only once the checkpoint (if any) was accepted
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(cfg.to_json())
     start_step = int(jax.device_get(state["step"]))
     num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state["params"]))
+    data_desc = f"{train_tokens} train tokens" if train_tokens is not None else f"task {cfg.data.source}"
     logging.info(
-        "model %s: %.2fM parameters; mesh %s; %d train tokens, %d eval tokens",
+        "model %s: %.2fM parameters; mesh %s; %s; eval tasks %s",
         cfg.model.name,
         num_params / 1e6,
         dict(trainer.mesh.shape),
-        train_stream.num_tokens,
-        eval_stream.num_tokens,
+        data_desc,
+        list(cfg.eval.task_list) or "none",
     )
 
-    batches = pipeline.train_batches(
-        train_stream,
-        seq_len=cfg.train.seq_len,
-        global_batch=cfg.train.batch_size,
-        seed=cfg.train.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
     data_iter = pipeline.iterate_from(batches, start_step, cfg.data.num_threads)
-    train_step, eval_step = trainer.jit_train_step(), trainer.jit_eval_step()
+    train_step = trainer.jit_train_step()
+    eval_fns = _eval_fns(run, state["params"], eval_sets)
     if jax.process_count() > 1:  # compile everywhere first, then meet: no process waits in a collective
         train_step = train_step.lower(state, trainer.device_batch(batches[start_step])).compile()
-        eval_step = eval_step.lower(state["params"], trainer.device_batch(eval_set[0])).compile()
         distributed.barrier("lcjax_steps_compiled")
     writer = MetricWriter(workdir)
     progress = Progress(
@@ -193,10 +295,10 @@ def train(config: Config, workdir: str, *, init_from: str = "") -> dict[str, flo
 
     def run_eval(step: int) -> dict[str, float]:
         started = time.perf_counter()
-        result = evaluate(
-            eval_step, state["params"], eval_set, trainer.device_batch, tokens_are_bytes=run.tokenizer.is_bytes
-        )
-        writer.write(step, "eval", result)
+        results = evaluate_all(run, eval_fns, state["params"], eval_sets)
+        for name, metrics in results.items():
+            writer.write(step, name if name == "eval" else f"eval_{name}", metrics)
+        result = headline(results)
         logging.info("eval at step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
         progress.pause(time.perf_counter() - started)
         return result
@@ -237,8 +339,8 @@ def train(config: Config, workdir: str, *, init_from: str = "") -> dict[str, flo
         result = run_eval(start_step)
     checkpointer.close()
     writer.close()
-    if run.tokenizer.is_bytes and isinstance(eval_stream, sources.TokenStream):
-        entropy = unigram_entropy_bits(eval_stream.tokens)
+    if run.tokenizer.is_bytes and isinstance(eval_sets.text_stream, sources.TokenStream):
+        entropy = unigram_entropy_bits(eval_sets.text_stream.tokens)
         result["unigram_entropy_bits"] = entropy
         logging.info(
             "final validation: %.4f bits/byte; unigram entropy of validation bytes %.4f bits (ratio %.3f)",
@@ -249,9 +351,9 @@ def train(config: Config, workdir: str, *, init_from: str = "") -> dict[str, flo
     return result
 
 
-def restore_for_inference(config: Config, workdir: str) -> tuple[Run, Any, int]:
+def restore_for_inference(config: Config, workdir: str, *, text: bool = False) -> tuple[Run, Any, int]:
     """Run objects and the parameters of the latest valid checkpoint in `workdir`."""
-    run = setup(config)
+    run = setup(config, text=text)
     checkpointer = Checkpointer.for_workdir(workdir, read_only=True)
     if not checkpointer.steps():
         raise ConfigError("workdir", f"no checkpoint in {checkpointer.directory}; train first")
@@ -262,28 +364,26 @@ def restore_for_inference(config: Config, workdir: str) -> tuple[Run, Any, int]:
     return run, restored["params"], step
 
 
-def evaluate_checkpoint(config: Config, workdir: str) -> dict[str, float]:
-    """Evaluates the latest checkpoint on the validation split and writes `<workdir>/eval.json`."""
+def evaluate_checkpoint(config: Config, workdir: str) -> dict[str, Any]:
+    """Evaluates the latest checkpoint on the validation split of `data.source` and on every `eval.tasks` entry;
+    writes `<workdir>/eval.json`: {"step", the primary metrics..., "tasks": {task: metrics}} and returns it."""
     run, params, step = restore_for_inference(config, workdir)
-    result = evaluate(
-        run.trainer.jit_eval_step(),
-        params,
-        _eval_set(run, load_split(run, "eval")),
-        run.trainer.device_batch,
-        tokens_are_bytes=run.tokenizer.is_bytes,
-    )
-    result["step"] = step
+    sets = load_eval_sets(run)
+    results = evaluate_all(run, _eval_fns(run, params, sets), params, sets)
+    report = {"step": step, "source": config.data.source, **results.pop("eval")}
+    report["tasks"] = results
+    report["jrt_prompt"] = config.eval.jrt_prompt
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "eval.json"), "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+            json.dump(report, f, indent=2)
+    return report
 
 
 def generate_text(config: Config, workdir: str, prompt: str) -> str:
     """Continues `prompt` with the latest checkpoint, sampling as `config.generate` says."""
     if not prompt:
         raise ConfigError("prompt", "must be a non-empty string")
-    run, params, _ = restore_for_inference(config, workdir)
+    run, params, _ = restore_for_inference(config, workdir, text=True)
     ids = np.asarray([run.tokenizer.encode(prompt)], np.int32)
     gen = config.generate
     tokens = generation.generate(

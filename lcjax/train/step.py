@@ -174,9 +174,7 @@ class Trainer:
 
     def _eval_step(self, params: Any, batch: dict[str, jax.Array]):
         logits, _ = self.model(self._compute_params(params))(model_inputs(batch))
-        nll, _ = token_losses(logits, batch)
-        mask = batch["loss_mask"].astype(jnp.float32)
-        return {"nll_sum": (nll * mask).sum(), "tokens": mask.sum()}
+        return eval_sums(logits, batch)
 
     def jit_train_step(self) -> Callable:
         replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -200,6 +198,44 @@ class Trainer:
     def device_batch(self, local_batch: dict[str, Any]) -> dict[str, jax.Array]:
         """Assembles global arrays from this process's rows (all rows when there is one process)."""
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local_batch.items()}
+
+
+def eval_sums(logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Sums for evaluation over the `loss_mask` targets of a batch (all replicated, so any host can read them).
+
+    nll_sum, tokens; correct_tokens (argmax == target); answers / answers_correct: an answer is a maximal run of
+    consecutive masked targets in a row (an MQAR query, a passkey's digits), correct when every token of it is, which
+    under teacher forcing is exactly "greedy decoding reproduces the answer"; examples / examples_correct: rows with
+    any masked target, correct when all are; bucket_nll / bucket_tokens [n]: by position p (`positions`, else the
+    index), bucket 0 holds p = 0 and bucket b >= 1 holds 2^(b-1) <= p < 2^b.
+    """
+    nll, _ = token_losses(logits, batch)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    on = mask > 0
+    correct = jnp.argmax(logits, axis=-1) == batch["targets"]
+    wrong = jnp.where(on & ~correct, 1.0, 0.0)
+    length = on.shape[1]
+    starts = on & ~jnp.pad(on[:, :-1], ((0, 0), (1, 0)))
+    answer_id = jnp.where(on, jnp.cumsum(starts, axis=1), 0)
+    wrong_per_answer = jax.vmap(lambda w, a: jax.ops.segment_sum(w, a, num_segments=length // 2 + 2))(wrong, answer_id)
+    answers = starts.sum().astype(jnp.float32)
+    rows = on.any(axis=1)
+    positions = batch.get("positions")
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(length), on.shape)
+    num_buckets = length.bit_length() + 1
+    bucket = sum((positions >= 2**k).astype(jnp.int32) for k in range(num_buckets - 1))
+    return {
+        "nll_sum": (nll * mask).sum(),
+        "tokens": mask.sum(),
+        "correct_tokens": (correct * mask).sum(),
+        "answers": answers,
+        "answers_correct": answers - (wrong_per_answer[:, 1:] > 0).sum().astype(jnp.float32),
+        "examples": rows.sum().astype(jnp.float32),
+        "examples_correct": (rows & (wrong.sum(axis=1) == 0)).sum().astype(jnp.float32),
+        "bucket_nll": jax.ops.segment_sum((nll * mask).ravel(), bucket.ravel(), num_segments=num_buckets),
+        "bucket_tokens": jax.ops.segment_sum(mask.ravel(), bucket.ravel(), num_segments=num_buckets),
+    }
 
 
 def _finish_metrics(sums: dict[str, jax.Array], total_tokens: jax.Array, num_micro: int) -> dict[str, jax.Array]:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from lcjax.data.synthetic import MQAR, Passkey, Phonebook, SelectiveCopy
+from lcjax.data.synthetic import MQAR, NIAH, TASKS, JRTPrompt, Passkey, Phonebook, SelectiveCopy, make_task
 from lcjax.data.tokenizers import ByteTokenizer
 from lcjax.errors import ConfigError
 
@@ -39,10 +39,10 @@ def test_mqar_gaps_favour_short_distances():
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        ({"vocab_size": 100, "seq_len": 128, "num_kv_pairs": 4}, "mqar.vocab_size"),
-        ({"vocab_size": 8192, "seq_len": 64, "num_kv_pairs": 17}, "mqar.num_kv_pairs"),  # 34 + 34 > 64
-        ({"vocab_size": 8192, "seq_len": 65, "num_kv_pairs": 4}, "mqar.seq_len"),
-        ({"vocab_size": 8192, "seq_len": 256, "num_kv_pairs": 16, "num_passes": 8}, "mqar.num_kv_pairs"),
+        ({"vocab_size": 100, "seq_len": 128, "num_kv_pairs": 4}, "model.vocab_size"),
+        ({"vocab_size": 8192, "seq_len": 64, "num_kv_pairs": 17}, "task.num_kv_pairs"),  # 34 + 34 > 64
+        ({"vocab_size": 8192, "seq_len": 65, "num_kv_pairs": 4}, "train.seq_len"),
+        ({"vocab_size": 8192, "seq_len": 256, "num_kv_pairs": 16, "num_passes": 8}, "task.num_kv_pairs"),
     ],
 )
 def test_mqar_constraints(kwargs, field):
@@ -58,17 +58,85 @@ def test_passkey_appears_once_at_depth_and_is_the_answer(depth):
     for i in range(10):
         ex, key = task[i], task.passkey(i)
         assert ex["inputs"].shape == ex["targets"].shape == ex["loss_mask"].shape == (600,)
+        assert len(key) == 5 and key.isdigit()
         text = tok.decode(ex["inputs"].tolist())
         assert text.count(f"The pass key is {key}.") == 1
         answer = tok.decode(ex["targets"][ex["loss_mask"] > 0].tolist())
         assert answer == key and text.endswith("What is the pass key? The pass key is " + key[:-1])
-        needle, question, answer_tokens = task._parts(key)
+        needle, question, answer_tokens = task._parts("", key)
         haystack_len = 600 + 1 - len(needle) - len(question) - len(answer_tokens)
-        assert text.index(" The pass key is") == int(ex["needle_start"]) == round(depth * haystack_len)
+        assert text.index(" The pass key is") == task.needle_start(i) == round(depth * haystack_len)
+        np.testing.assert_array_equal(ex["segment_ids"], 1)
+        np.testing.assert_array_equal(ex["positions"], np.arange(600))
     np.testing.assert_array_equal(
         task[3]["inputs"], Passkey(tok, seq_len=600, depth=depth, num_examples=10, seed=1)[3]["inputs"]
     )
     assert task.passkey(3) != task.passkey(4)
+
+
+@pytest.mark.parametrize("needle, kind", [("number", "number"), ("word", "word")])
+def test_number_and_word_needles(needle, kind):
+    tok = ByteTokenizer()
+    task = NIAH(tok, seq_len=512, depth=0.3, num_examples=20, seed=5, needle=needle)
+    values = set()
+    for i in range(20):
+        ex, key, value = task[i], task.needle_key(i), task.needle_value(i)
+        values.add(value)
+        text = tok.decode(ex["inputs"].tolist())
+        sentence = f"One of the special magic {kind}s for {key} is: {value}."
+        assert text.count(sentence) == 1 and text.index(sentence) == task.needle_start(i) + 1
+        assert text.count(f"special magic {kind} for {key} mentioned") == 1  # the question names the key
+        assert tok.decode(ex["targets"][ex["loss_mask"] > 0].tolist()) == value
+        assert value.isdigit() and len(value) == 7 if needle == "number" else value.isalpha()
+    assert len(values) > 5
+
+
+def test_task_bad_parameters_name_their_flag():
+    tok = ByteTokenizer()
+    for kwargs, field in [
+        ({"needle": "uuid"}, "task.needle"),
+        ({"depth": 1.5}, "task.depth"),
+        ({"seq_len": 90}, "train.seq_len"),
+    ]:
+        args = {"seq_len": 512, "depth": 0.5, "num_examples": 1, **kwargs}
+        with pytest.raises(ConfigError) as e:
+            NIAH(tok, **args)
+        assert e.value.field == field
+
+
+def _content(ex):
+    """Token sequence of an example's content (segment 1): its inputs plus the last target."""
+    on = ex["segment_ids"] > 0
+    return np.concatenate([ex["inputs"][on], ex["targets"][-1:]])
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_jrt_prompt_repeats_the_context_before_the_question(name):
+    from lcjax.config import TaskConfig
+
+    tok = ByteTokenizer()
+    seq_len = 512
+    cfg = TaskConfig(num_kv_pairs=8, num_entries=6, num_queries=2)
+    plain = make_task(name, cfg, tokenizer=tok, vocab_size=1024, seq_len=seq_len, num_examples=4, seed=2)
+    jrt = make_task(name, cfg, tokenizer=tok, vocab_size=1024, seq_len=seq_len, num_examples=4, seed=2, jrt_prompt=True)
+    assert isinstance(jrt, JRTPrompt)
+    for i in range(4):
+        a, b = plain[i], jrt[i]
+        assert b["inputs"].shape == (2 * seq_len,)
+        s, c = int(a["context_start"]), int(a["context_end"])
+        tokens = np.concatenate([a["inputs"], a["targets"][-1:]])
+        context = tokens[s:c]
+        assert len(context) > 0
+        pad = int(np.sum(b["segment_ids"] == 0))
+        np.testing.assert_array_equal(b["segment_ids"][:pad], 0)
+        np.testing.assert_array_equal(b["positions"][pad:], np.arange(2 * seq_len - pad))
+        np.testing.assert_array_equal(b["loss_mask"][: pad + 2 * len(context)], 0)
+        # the content is context, context, then the rest of the original example
+        np.testing.assert_array_equal(b["inputs"][pad:], np.concatenate([context, tokens[s:-1]]))
+        np.testing.assert_array_equal(b["targets"][b["loss_mask"] > 0], a["targets"][a["loss_mask"] > 0])
+        np.testing.assert_array_equal(  # each answer sits after the same inputs as before
+            b["inputs"][b["loss_mask"] > 0], a["inputs"][a["loss_mask"] > 0]
+        )
 
 
 def test_phonebook_answer_matches_the_book_and_question_is_on_both_sides():
@@ -86,8 +154,12 @@ def test_phonebook_answer_matches_the_book_and_question_is_on_both_sides():
         assert book == "".join(f"{n}: {p}\n" for n, p in entries)
         answer = tok.decode(ex["targets"][ex["loss_mask"] > 0].tolist())
         assert answer == "".join(f"{entries[j][0]}: {entries[j][1]}\n" for j in asked)
-    with pytest.raises(ConfigError, match="phonebook.seq_len"):
-        Phonebook(tok, seq_len=100, num_entries=20, num_queries=3, num_examples=1)[0]
+        on = ex["segment_ids"] > 0  # left padding is segment 0; positions count from the first real token
+        assert tok.decode(ex["inputs"][on][:24].tolist()) == "What are the numbers of "
+        np.testing.assert_array_equal(ex["positions"][on], np.arange(on.sum()))
+        assert ex["loss_mask"][~on].sum() == 0
+    with pytest.raises(ConfigError, match="train.seq_len"):
+        Phonebook(tok, seq_len=100, num_entries=20, num_queries=3, num_examples=1)
 
 
 def test_selective_copy_targets_are_the_scattered_tokens_in_order():
@@ -101,5 +173,5 @@ def test_selective_copy_targets_are_the_scattered_tokens_in_order():
         np.testing.assert_array_equal(ex["targets"][ex["loss_mask"] > 0], data)
         assert ex["loss_mask"].sum() == 8
     assert not np.array_equal(task[0]["inputs"], task[1]["inputs"])
-    with pytest.raises(ConfigError, match="selective_copy.num_tokens"):
+    with pytest.raises(ConfigError, match="task.num_tokens"):
         SelectiveCopy(vocab_size=16, seq_len=10, num_tokens=8, num_examples=1)

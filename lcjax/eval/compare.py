@@ -1,0 +1,278 @@
+"""Architecture comparison on a synthetic task: train each preset through the shared loop on the same task and
+budget, score it over a grid (sequence length x a task parameter, e.g. MQAR's number of key-value pairs), and
+write a markdown table and PNG plots. `scripts/compare_models.py` is the command line; notebooks call these
+functions directly.
+
+Training may run as a curriculum of stages (seq_len, value, steps): each stage is a run of its own in
+`<workdir>/<model>/stage<i>` that starts from the previous stage's parameters (`init_from`, fresh optimizer).
+Every model gets the same stages, so the same number of steps, examples and tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+from ml_collections import config_dict
+
+from lcjax import config as config_lib
+from lcjax.data import pipeline
+from lcjax.errors import ConfigError
+from lcjax.eval.perplexity import evaluate
+from lcjax.train import loop
+
+SWEEP_PARAMETER = {  # the task parameter swept with the sequence length, per task
+    "mqar": "num_kv_pairs",
+    "passkey": "depth",
+    "niah_number": "depth",
+    "niah_word": "depth",
+    "phonebook": "num_entries",
+    "selective_copy": "num_tokens",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    seq_len: int
+    value: float
+    steps: int
+
+
+def parse_stages(text: str) -> list[Stage]:
+    """ "64:16:600,256:16:400" -> stages of (seq_len, sweep value, steps)."""
+    stages = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        parts = item.split(":")
+        if len(parts) != 3:
+            raise ConfigError("stages", f"{item!r} is not seq_len:value:steps")
+        stages.append(Stage(int(parts[0]), float(parts[1]), int(parts[2])))
+    if not stages:
+        raise ConfigError("stages", "needs at least one seq_len:value:steps stage")
+    return stages
+
+
+def load_preset(spec: str, configs_dir: str) -> config_dict.ConfigDict:
+    """`family:preset` -> the ConfigDict of `configs/<family>.py:<preset>`."""
+    family, _, preset = spec.partition(":")
+    path = os.path.join(configs_dir, f"{family}.py")
+    if not os.path.isfile(path):
+        raise ConfigError("models", f"{spec!r}: no config file {path}")
+    module_spec = importlib.util.spec_from_file_location(f"lcjax_configs_{family}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    try:
+        return module.get_config(preset or None)
+    except ValueError as e:
+        raise ConfigError("models", f"{spec!r}: {e}") from None
+
+
+def _with_value(task: config_lib.TaskConfig, name: str, value: float) -> config_lib.TaskConfig:
+    parameter = SWEEP_PARAMETER[name]
+    kind = type(getattr(task, parameter))
+    return dataclasses.replace(task, **{parameter: kind(value)})
+
+
+def stage_config(base: config_dict.ConfigDict, task: str, stage: Stage, overrides: dict[str, Any]):
+    """The typed, validated config of one training stage of one model."""
+    values = base.to_dict()
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        if section not in values or not key:
+            raise ConfigError(dotted, "override must be section.key=value")
+        values[section][key] = value
+    values["data"]["source"] = task
+    values["train"]["seq_len"] = stage.seq_len
+    values["train"]["steps"] = stage.steps
+    values["task"][SWEEP_PARAMETER[task]] = type(values["task"][SWEEP_PARAMETER[task]])(stage.value)
+    values["checkpoint"]["every"] = max(stage.steps, 1)
+    return config_lib.from_dict(values).validate(jax.device_count())
+
+
+def train_model(spec: str, base, task: str, stages: Sequence[Stage], overrides: dict, workdir: str) -> str:
+    """Trains `spec` through every stage; returns the last stage's workdir. Finished stages are skipped (their
+    checkpoint is there), so an interrupted comparison resumes where it stopped."""
+    previous = ""
+    for i, stage in enumerate(stages):
+        config = stage_config(base, task, stage, overrides)
+        stage_dir = os.path.join(workdir, spec.replace(":", "_"), f"stage{i}")
+        what = f"{task} seq_len={stage.seq_len} {SWEEP_PARAMETER[task]}={stage.value:g}"
+        print(f"[{spec}] stage {i + 1}/{len(stages)}: {what} for {stage.steps} steps -> {stage_dir}", flush=True)
+        loop.train(config, stage_dir, init_from=previous)
+        previous = stage_dir
+    return previous
+
+
+def score_grid(config, workdir: str, task: str, seq_lens: Sequence[int], values: Sequence[float]) -> list[dict]:
+    """Scores the latest checkpoint of `workdir` on `task` at every (seq_len, value) of the grid; points the task
+    cannot build (e.g. MQAR with 2D*p + 2D > L) are reported as skipped with the reason."""
+    run, params, step = loop.restore_for_inference(config, workdir)
+    eval_step = run.trainer.jit_eval_step()
+    rows = []
+    for seq_len in seq_lens:
+        for value in values:
+            point_config = dataclasses.replace(
+                config,
+                train=dataclasses.replace(config.train, seq_len=seq_len),
+                task=_with_value(config.task, task, value),
+            )
+            row = {"seq_len": seq_len, SWEEP_PARAMETER[task]: value, "step": step}
+            try:
+                point = loop.Run(point_config, run.trainer, run.tokenizer)
+                examples = loop.task_examples(point, task, "eval", jrt_prompt=config.eval.jrt_prompt)
+            except ConfigError as e:
+                rows.append({**row, "skipped": str(e)})
+                continue
+            batches = pipeline.example_eval_batches(
+                examples,
+                global_batch=config.eval.batch_size,
+                num_batches=config.eval.num_batches,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+            )
+            metrics = evaluate(eval_step, params, batches, run.trainer.device_batch, tokens_are_bytes=False, task=True)
+            rows.append({**row, **metrics})
+    return rows
+
+
+def write_report(results: dict[str, list[dict]], task: str, out_dir: str, meta: dict[str, Any]) -> list[str]:
+    """comparison.md (+ comparison.json) and PNG plots in `out_dir`; returns the written paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    parameter = SWEEP_PARAMETER[task]
+    seq_lens = sorted({r["seq_len"] for rows in results.values() for r in rows})
+    values = sorted({r[parameter] for rows in results.values() for r in rows})
+    lines = [f"# {task}: answer accuracy (exact match) by sequence length and {parameter}", ""]
+    lines += [f"- {k}: {v}" for k, v in meta.items()]
+    header = ["model"] + [f"L={s} {_short(parameter)}={v:g}" for s in seq_lens for v in values]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model, rows in results.items():
+        cells = {(r["seq_len"], r[parameter]): r for r in rows}
+        row = [model]
+        for s in seq_lens:
+            for v in values:
+                r = cells.get((s, v), {})
+                row.append("n/a" if "answer_accuracy" not in r else f"{100 * r['answer_accuracy']:.1f}%")
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "n/a: the task cannot be built at that point (see comparison.json for the reason)."]
+    paths = [os.path.join(out_dir, "comparison.md"), os.path.join(out_dir, "comparison.json")]
+    with open(paths[0], "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(paths[1], "w") as f:
+        json.dump({"task": task, "meta": meta, "results": results}, f, indent=2)
+    try:
+        paths += _plots(results, parameter, seq_lens, values, out_dir)
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[plots]'): wrote the table only", flush=True)
+    return paths
+
+
+def _short(parameter: str) -> str:
+    return {"num_kv_pairs": "D", "depth": "depth", "num_entries": "entries", "num_tokens": "tokens"}[parameter]
+
+
+def _plots(results, parameter, seq_lens, values, out_dir) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def accuracy(rows, s, v):
+        r = next((r for r in rows if r["seq_len"] == s and r[parameter] == v), {})
+        return 100 * r["answer_accuracy"] if "answer_accuracy" in r else float("nan")
+
+    fig, (by_len, by_value) = plt.subplots(1, 2, figsize=(11, 4))
+    for model, rows in results.items():
+        for v in values:
+            by_len.plot(
+                seq_lens,
+                [accuracy(rows, s, v) for s in seq_lens],
+                marker="o",
+                label=f"{model} {_short(parameter)}={v:g}",
+            )
+        for s in seq_lens:
+            by_value.plot(values, [accuracy(rows, s, v) for v in values], marker="o", label=f"{model} L={s}")
+    by_len.set(
+        xlabel="sequence length", ylabel="accuracy (%)", xscale="log", ylim=(-2, 102), title="by sequence length"
+    )
+    by_value.set(xlabel=parameter, ylabel="accuracy (%)", ylim=(-2, 102), title=f"by {parameter}")
+    by_len.set_xticks(seq_lens, [str(s) for s in seq_lens])
+    for ax in (by_len, by_value):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    accuracy_png = os.path.join(out_dir, "accuracy.png")
+    fig.savefig(accuracy_png, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    longest = max(seq_lens)
+    for model, rows in results.items():
+        for r in rows:
+            if r["seq_len"] != longest or "answer_accuracy" not in r:
+                continue
+            buckets = sorted(
+                (int(k.split("/")[1].split("-")[0]), val) for k, val in r.items() if k.startswith("loss_pos/")
+            )
+            ax.plot(
+                [max(b, 1) for b, _ in buckets],
+                [val for _, val in buckets],
+                marker="o",
+                label=f"{model} {_short(parameter)}={r[parameter]:g}",
+            )
+    ax.set(
+        xscale="log",
+        xlabel="position (bucket start)",
+        ylabel="loss at answers (nats)",
+        title=f"loss by position, L={longest}",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    position_png = os.path.join(out_dir, "loss_by_position.png")
+    fig.savefig(position_png, dpi=110)
+    plt.close(fig)
+    return [accuracy_png, position_png]
+
+
+def compare(
+    models: Sequence[str],
+    task: str,
+    stages: Sequence[Stage],
+    seq_lens: Sequence[int],
+    values: Sequence[float],
+    overrides: dict[str, Any],
+    workdir: str,
+    out_dir: str,
+    configs_dir: str,
+) -> dict:
+    """Trains and scores every model; writes the report; returns {model: grid rows}."""
+    if task not in SWEEP_PARAMETER:
+        raise ConfigError("task", f"unknown task {task!r}; expected one of {sorted(SWEEP_PARAMETER)}")
+    results, timings = {}, {}
+    for n, spec in enumerate(models, 1):
+        print(f"== model {n}/{len(models)}: {spec}", flush=True)
+        base = load_preset(spec, configs_dir)
+        started = time.perf_counter()
+        last_dir = train_model(spec, base, task, stages, overrides, workdir)
+        timings[spec] = time.perf_counter() - started
+        config = stage_config(base, task, stages[-1], overrides)
+        results[spec] = score_grid(config, last_dir, task, seq_lens, values)
+        for r in results[spec]:
+            score = f"{100 * r['answer_accuracy']:.1f}%" if "answer_accuracy" in r else "n/a"
+            print(
+                f"[{spec}] L={r['seq_len']} {SWEEP_PARAMETER[task]}={r[SWEEP_PARAMETER[task]]:g}: {score}", flush=True
+            )
+    meta = {
+        "stages (seq_len:value:steps)": ", ".join(f"{s.seq_len}:{s.value:g}:{s.steps}" for s in stages),
+        "overrides": ", ".join(f"{k}={v}" for k, v in overrides.items()) or "none",
+        "training wall time (s)": ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+    }
+    paths = write_report(results, task, out_dir, meta)
+    print("wrote " + ", ".join(paths), flush=True)
+    return results

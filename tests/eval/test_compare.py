@@ -1,0 +1,61 @@
+"""The comparison driver end to end on a tiny budget: curriculum stages, the scoring grid, the report files."""
+
+import json
+import os
+
+from lcjax.eval import compare
+from lcjax.train.metrics import read_metrics
+from tests.conftest import ROOT
+
+OVERRIDES = {
+    "model.d_model": 32,
+    "model.mlp_dim": 64,
+    "model.num_layers": 2,
+    "model.vocab_size": 160,
+    "train.batch_size": 8,
+    "train.log_every": 1,
+    "train.eval_every": 1000,
+    "eval.batch_size": 8,
+    "eval.num_batches": 1,
+    "task.num_train_examples": 64,
+}
+
+
+def test_compare_trains_stages_scores_the_grid_and_writes_the_report(tmp_path, capsys):
+    stages = compare.parse_stages("32:2:2, 64:4:1")
+    results = compare.compare(
+        ["transformer:tiny"],
+        "mqar",
+        stages,
+        seq_lens=[32, 64],
+        values=[2, 16],
+        overrides=OVERRIDES,
+        workdir=str(tmp_path / "runs"),
+        out_dir=str(tmp_path / "out"),
+        configs_dir=os.path.join(ROOT, "configs"),
+    )
+    rows = results["transformer:tiny"]
+    assert [(r["seq_len"], r["num_kv_pairs"]) for r in rows] == [(32, 2), (32, 16), (64, 2), (64, 16)]
+    assert "2*D*p + 2*D = 64 <= train.seq_len=32" in rows[1]["skipped"]  # L=32 cannot hold 16 pairs
+    for r in (rows[0], rows[2], rows[3]):
+        assert 0.0 <= r["answer_accuracy"] <= 1.0 and r["step"] == 1
+    assert rows[3]["tokens"] == 16 * 8  # D labelled positions per example, one batch of 8
+    # the second stage started from the first one's parameters and trained its own step
+    for i, steps in enumerate([2, 1]):
+        stage_dir = tmp_path / "runs" / "transformer_tiny" / f"stage{i}"
+        assert sorted(int(p) for p in os.listdir(stage_dir / "checkpoints") if p.isdigit())[-1] == steps
+    assert "stage 2/2" in capsys.readouterr().out
+    table = (tmp_path / "out" / "comparison.md").read_text()
+    assert "| model | L=32 D=2 | L=32 D=16 | L=64 D=2 | L=64 D=16 |" in table
+    line = next(x for x in table.splitlines() if x.startswith("| transformer:tiny"))
+    assert line.split(" | ")[2] == "n/a" and line.count("%") == 3
+    saved = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert saved["results"]["transformer:tiny"] == json.loads(json.dumps(rows))
+    for png in ("accuracy.png", "loss_by_position.png"):
+        assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a rerun finds both stages done and trains no step again
+    last = tmp_path / "runs" / "transformer_tiny" / "stage1"
+    before = read_metrics(str(last), "train")
+    base = compare.load_preset("transformer:tiny", os.path.join(ROOT, "configs"))
+    compare.train_model("transformer:tiny", base, "mqar", stages, OVERRIDES, str(tmp_path / "runs"))
+    assert read_metrics(str(last), "train") == before
