@@ -58,16 +58,10 @@ def _parse_flags(argv):
         _fail(lines[-1] if "Traceback" in str(e) else lines[0])
 
 
-class _QuietLibraries(logging.logging.Filter):
-    """Drops INFO chatter from orbax and grain so lcjax's progress lines stay readable."""
-
-    def filter(self, record) -> bool:
-        noisy = ("/orbax/", "/grain/")
-        return record.levelno >= logging.logging.WARNING or not any(n in record.pathname for n in noisy)
-
-
 def main(argv):
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    from lcjax.train.metrics import quiet_library_logs
+
+    quiet_library_logs()
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}")
     if _CONFIG.value is None:

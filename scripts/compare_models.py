@@ -2,7 +2,7 @@
 grid, and writes comparison.md, comparison.json and PNG plots.
 
     python scripts/compare_models.py --models=transformer:tiny --task=mqar \
-        --stages=64:16:600,256:16:300 --seq_lens=64,128,256 --values=4,8,16 --out_dir=docs/comparison/mqar
+        --stages=64:16:4000,256:16:300 --seq_lens=64,128,256 --values=4,8,16 --out_dir=docs/comparison/mqar
 
 `--stages` is the training curriculum (seq_len:value:steps, the value being the task's swept parameter: MQAR's
 number of key-value pairs, S-NIAH's depth, the phonebook's entries, selective copying's tokens); each stage starts
@@ -21,10 +21,11 @@ from absl import app, flags, logging  # noqa: E402
 
 from lcjax.errors import ConfigError  # noqa: E402
 from lcjax.eval import compare  # noqa: E402
+from lcjax.train.metrics import quiet_library_logs  # noqa: E402
 
 _MODELS = flags.DEFINE_list("models", ["transformer:tiny"], "family:preset of every model to compare.")
 _TASK = flags.DEFINE_enum("task", "mqar", sorted(compare.SWEEP_PARAMETER), "Synthetic task.")
-_STAGES = flags.DEFINE_string("stages", "64:16:600,256:16:300", "Training curriculum: seq_len:value:steps,...")
+_STAGES = flags.DEFINE_string("stages", "64:16:4000,256:16:300", "Training curriculum: seq_len:value:steps,...")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["64", "128", "256"], "Sequence lengths of the scoring grid.")
 _VALUES = flags.DEFINE_list("values", ["4", "8", "16"], "Values of the task's swept parameter in the grid.")
 _SET = flags.DEFINE_multi_string(
@@ -32,12 +33,16 @@ _SET = flags.DEFINE_multi_string(
     [
         "model.vocab_size=512",
         "model.num_layers=2",
-        "train.batch_size=64",
+        "model.num_heads=1",
+        "model.num_kv_heads=1",
+        "model.d_model=64",
+        "model.mlp_dim=192",
+        "train.batch_size=32",
         "train.learning_rate=3e-3",
-        "train.warmup_steps=50",
+        "train.warmup_steps=100",
         "train.min_lr_ratio=1.0",
-        "train.log_every=50",
-        "train.eval_every=100000",
+        "train.log_every=250",
+        "train.eval_every=1000",
         "eval.batch_size=64",
         "eval.num_batches=4",
     ],
@@ -61,6 +66,7 @@ def _parse_override(item: str):
 def main(argv):
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]}")
+    quiet_library_logs()
     try:
         compare.compare(
             _MODELS.value,
@@ -76,6 +82,9 @@ def main(argv):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        print(f"stopped: {e}; run the same command again to continue", file=sys.stderr)
+        sys.exit(0)
     logging.flush()
 
 

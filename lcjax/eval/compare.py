@@ -103,7 +103,9 @@ def train_model(spec: str, base, task: str, stages: Sequence[Stage], overrides: 
         stage_dir = os.path.join(workdir, spec.replace(":", "_"), f"stage{i}")
         what = f"{task} seq_len={stage.seq_len} {SWEEP_PARAMETER[task]}={stage.value:g}"
         print(f"[{spec}] stage {i + 1}/{len(stages)}: {what} for {stage.steps} steps -> {stage_dir}", flush=True)
-        loop.train(config, stage_dir, init_from=previous)
+        result = loop.train(config, stage_dir, init_from=previous)
+        if "stopped_at_step" in result:  # preempted (SIGTERM/SIGINT): the stage resumes on the next run
+            raise KeyboardInterrupt(f"stopped during {stage_dir} at step {int(result['stopped_at_step'])}")
         previous = stage_dir
     return previous
 
@@ -201,6 +203,9 @@ def _plots(results, parameter, seq_lens, values, out_dir) -> list[str]:
     )
     by_value.set(xlabel=parameter, ylabel="accuracy (%)", ylim=(-2, 102), title=f"by {parameter}")
     by_len.set_xticks(seq_lens, [str(s) for s in seq_lens])
+    by_len.minorticks_off()
+    if parameter == "num_kv_pairs":  # MQAR: copying any value of the context scores 1/D
+        by_value.plot(values, [100 / v for v in values], "k--", linewidth=1, label="1/D (copy a context value)")
     for ax in (by_len, by_value):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

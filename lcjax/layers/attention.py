@@ -76,6 +76,7 @@ class SelfAttention(nnx.Module):
         init_std: float,
         out_std: float,
         rngs: nnx.Rngs,
+        qkv_bias: bool = False,
     ):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -85,13 +86,23 @@ class SelfAttention(nnx.Module):
         self.wk = param(rngs, (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), normal(init_std))
         self.wv = param(rngs, (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), normal(init_std))
         self.wo = param(rngs, (num_heads, head_dim, d_model), ("heads", "head_dim", "embed"), normal(out_std))
+        self.qkv_bias = qkv_bias
+        if qkv_bias:  # Qwen-style biases: content-independent query/key parts let RoPE attend by offset alone
+            zeros = lambda key, shape, dtype: jnp.zeros(shape, dtype)
+            self.bq = param(rngs, (num_heads, head_dim), ("heads", "head_dim"), zeros)
+            self.bk = param(rngs, (num_kv_heads, head_dim), ("kv_heads", "head_dim"), zeros)
+            self.bv = param(rngs, (num_kv_heads, head_dim), ("kv_heads", "head_dim"), zeros)
 
     def _project(self, x: jax.Array, positions: jax.Array):
         q = jnp.einsum("btd,dhk->bthk", x, self.wq[...])
         k = jnp.einsum("btd,dhk->bthk", x, self.wk[...])
         v = jnp.einsum("btd,dhk->bthk", x, self.wv[...])
-        q = constrain(apply_rope(q, positions, self.rope_theta), ("batch", "length", "heads", "head_dim"))
-        k = constrain(apply_rope(k, positions, self.rope_theta), ("batch", "length", "kv_heads", "head_dim"))
+        if self.qkv_bias:
+            q, k, v = q + self.bq[...], k + self.bk[...], v + self.bv[...]
+        if self.rope_theta > 0:  # 0: no rotary embedding (a model with learned absolute positions)
+            q, k = apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta)
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         return q, k, constrain(v, ("batch", "length", "kv_heads", "head_dim"))
 
     def _output(self, out: jax.Array) -> jax.Array:

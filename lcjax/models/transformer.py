@@ -35,8 +35,12 @@ class TransformerConfig:
     mlp_dim: int = 384
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen-style)
+    position_embedding: str = "rope"  # rope | learned (absolute, GPT-2 style, added to the token embedding)
+    max_seq_len: int = 0  # learned positions: table size (>= every sequence length the model sees)
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    embed_init_std: float = 1.0  # token (and learned position) embeddings; tied logits are scaled by d_model^-0.5
     scan_layers: bool = True
     remat: str = "none"  # none | full | dots
 
@@ -62,6 +66,16 @@ class TransformerConfig:
                 raise ConfigError(f"model.{name}", f"={getattr(self, name)} must be divisible by mesh.tensor={tensor}")
         if self.d_model % mesh["fsdp"]:
             raise ConfigError("model.d_model", f"={self.d_model} must be divisible by mesh.fsdp={mesh['fsdp']}")
+        if self.position_embedding not in ("rope", "learned"):
+            raise ConfigError("model.position_embedding", f"={self.position_embedding!r}; expected rope or learned")
+        if self.position_embedding == "learned":
+            longest = config.train.seq_len * (2 if config.eval.jrt_prompt else 1)
+            if self.max_seq_len < longest:
+                raise ConfigError(
+                    "model.max_seq_len",
+                    f"={self.max_seq_len} must be >= {longest} (train.seq_len, doubled by eval.jrt_prompt) "
+                    "for learned position embeddings",
+                )
         if self.remat not in REMAT_POLICIES:
             raise ConfigError("model.remat", f"={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
 
@@ -83,11 +97,12 @@ class Block(nnx.Module):
             cfg.num_heads,
             cfg.num_kv_heads,
             cfg.resolved_head_dim,
-            rope_theta=cfg.rope_theta,
+            rope_theta=cfg.rope_theta if cfg.position_embedding == "rope" else 0.0,
             config=attention,
             init_std=cfg.init_std,
             out_std=out_std,
             rngs=rngs,
+            qkv_bias=cfg.qkv_bias,
         )
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, init_std=cfg.init_std, out_std=out_std, rngs=rngs)
@@ -106,7 +121,7 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
     def __init__(self, cfg: TransformerConfig, attention, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), normal(1.0))
+        self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), normal(cfg.embed_init_std))
         self.layers = LayerStack(
             lambda r: Block(cfg, attention, rngs=r),
             cfg.num_layers,
@@ -115,11 +130,15 @@ class Transformer(nnx.Module):
             remat=cfg.remat,
         )
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        if cfg.position_embedding == "learned":
+            self.pos_embed = param(rngs, (cfg.max_seq_len, cfg.d_model), (None, "embed"), normal(cfg.embed_init_std))
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), normal(cfg.init_std))
 
-    def _embed(self, tokens: jax.Array) -> jax.Array:
+    def _embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
         x = jnp.take(self.embed[...], tokens, axis=0)
+        if self.cfg.position_embedding == "learned":
+            x = x + jnp.take(self.pos_embed[...], positions, axis=0)
         return constrain(x, ("batch", "length", "embed"))
 
     def _logits(self, x: jax.Array) -> jax.Array:
@@ -137,7 +156,9 @@ class Transformer(nnx.Module):
         positions = batch.get("positions")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x, _ = self.layers(self._embed(tokens), None, positions=positions, segment_ids=batch.get("segment_ids"))
+        x, _ = self.layers(
+            self._embed(tokens, positions), None, positions=positions, segment_ids=batch.get("segment_ids")
+        )
         return self._logits(x), {}
 
     def init_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype = jnp.float32) -> dict[str, Any]:
@@ -154,5 +175,5 @@ class Transformer(nnx.Module):
         """Recurrent form: consumes tokens [B, n] after the cached ones; returns (logits [B, n, V], cache)."""
         index = cache["index"]
         positions = jnp.broadcast_to(index + jnp.arange(tokens.shape[1]), tokens.shape)
-        x, layers = self.layers(self._embed(tokens), cache["layers"], positions=positions, index=index)
+        x, layers = self.layers(self._embed(tokens, positions), cache["layers"], positions=positions, index=index)
         return self._logits(x), {"index": index + tokens.shape[1], "layers": layers}

@@ -139,3 +139,16 @@ def read_metrics(workdir: str, split: str = "train") -> dict[int, dict[str, floa
                 if record["split"] == split:
                     records[record["step"]] = record
     return records
+
+
+class _QuietLibraries(logging.logging.Filter):
+    """Drops INFO chatter from orbax and grain so lcjax's progress lines stay readable."""
+
+    def filter(self, record) -> bool:
+        noisy = ("/orbax/", "/grain/")
+        return record.levelno >= logging.logging.WARNING or not any(n in record.pathname for n in noisy)
+
+
+def quiet_library_logs() -> None:
+    """Keeps orbax's and grain's INFO lines out of the absl log (warnings and errors still show)."""
+    logging.get_absl_handler().addFilter(_QuietLibraries())

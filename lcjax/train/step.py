@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from lcjax import models
 from lcjax.layers.params import logical_axes
 from lcjax.parallel.sharding import constrain, named_sharding
-from lcjax.train.optimizer import learning_rate_schedule, make_optimizer
+from lcjax.train.optimizer import decay_mask_from_axes, learning_rate_schedule, make_optimizer
 
 MODEL_INPUT_KEYS = ("inputs", "positions", "segment_ids", "prefix_mask")
 BATCH_AXES = ("batch", "length")
@@ -61,7 +61,7 @@ class Trainer:
         non_params = [p for p, v in nnx.to_flat_state(model_state) if not isinstance(v, nnx.Param)]
         if non_params:
             raise TypeError(f"models may hold only nnx.Param state, found {non_params}")
-        optimizer = make_optimizer(config.train)
+        optimizer = make_optimizer(config.train, decay_mask_from_axes(logical_axes(abstract_model)))
         param_shardings = jax.tree.map(
             lambda axes: named_sharding(mesh, axes),
             logical_axes(abstract_model),

@@ -39,6 +39,24 @@ def test_decode_matches_parallel(pieces):
     assert int(cache["index"]) == 12
 
 
+def test_learned_positions_decode_matches_parallel_and_positions_matter():
+    model = _model(position_embedding="learned", max_seq_len=16)
+    tokens = _tokens((2, 12))
+    parallel, _ = model({"inputs": tokens})
+    cache = model.init_cache(2, 16)
+    first, cache = model.decode(tokens[:, :5], cache)
+    rest, _ = model.decode(tokens[:, 5:], cache)
+    np.testing.assert_allclose(jnp.concatenate([first, rest], axis=1), parallel, atol=1e-5, rtol=0)
+    shifted = model({"inputs": tokens, "positions": jnp.broadcast_to(jnp.arange(12) + 3, (2, 12))})[0]
+    assert not np.allclose(shifted, parallel, atol=1e-3)  # absolute, unlike RoPE's shift invariance
+    rope = _model()
+    np.testing.assert_allclose(
+        rope({"inputs": tokens, "positions": jnp.broadcast_to(jnp.arange(12) + 3, (2, 12))})[0],
+        rope({"inputs": tokens})[0],
+        atol=1e-5,
+    )
+
+
 def test_decode_depends_on_cached_context():
     """Guards the decode test: the cache must matter (a model ignoring it would still match at position 0)."""
     model = _model()
@@ -77,7 +95,9 @@ def test_causal():
     assert not np.allclose(a[:, 6:], b[:, 6:])
 
 
-@pytest.mark.parametrize("overrides", [{"tie_embeddings": False}, {"num_kv_heads": 1}, {"num_kv_heads": 4}])
+@pytest.mark.parametrize(
+    "overrides", [{"tie_embeddings": False}, {"num_kv_heads": 1}, {"num_kv_heads": 4}, {"qkv_bias": True}]
+)
 def test_unrolled_equals_scanned(overrides):
     tokens = _tokens((2, 9))
     scanned = _model(**overrides)

@@ -140,3 +140,20 @@ def test_injected_nan_step_is_skipped_and_counted():
     ]
     assert all(changed)  # and training continued
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state["params"])))
+
+
+def test_weight_decay_spares_stacked_norm_scales():
+    """Scanned stacks give norm scales a leading `layers` axis; they must still get no weight decay."""
+    trainer = _single_device_trainer(
+        train={"weight_decay": 0.5, "learning_rate": 0.1, "warmup_steps": 0, "grad_clip": 0.0}
+    )
+    state = trainer.init_state(0)
+    params = state["params"]
+    assert params["layers"]["blocks"]["attn_norm"]["scale"].ndim == 2  # [layers, d_model]
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = trainer.optimizer.update(zero_grads, state["opt_state"], params)
+    blocks = updates["layers"]["blocks"]
+    for norm in ("attn_norm", "mlp_norm"):
+        np.testing.assert_array_equal(blocks[norm]["scale"], 0.0)
+    np.testing.assert_array_equal(updates["final_norm"]["scale"], 0.0)
+    assert float(jnp.abs(blocks["attn"]["wq"]).max()) > 0 and float(jnp.abs(updates["embed"]).max()) > 0
