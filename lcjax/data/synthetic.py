@@ -202,14 +202,14 @@ def Passkey(tokenizer: Tokenizer, **kwargs) -> NIAH:  # noqa: N802 - the S-NIAH-
     return NIAH(tokenizer, needle="passkey", **kwargs)
 
 
-def _text_example(tokenizer: Tokenizer, context: str, question: str, answer: str, seq_len: int, field: str):
+def _text_example(tokenizer: Tokenizer, context: str, question: str, answer: str, seq_len: int, name: str):
     """The example for `context` + `question` + `answer` (targets only on the answer), left-padded to seq_len."""
     encode = lambda text: np.asarray(tokenizer.encode(text), np.int32)
     context_ids, question_ids, answer_ids = encode(context), encode(question), encode(answer)
     used = len(context_ids) + len(question_ids) + len(answer_ids)
     start = seq_len + 1 - used
     if start < 0:
-        raise ConfigError(field, f"={seq_len} is too short for the task ({used} tokens)")
+        raise ConfigError("train.seq_len", f"={seq_len} is too short for the {name} task ({used} tokens)")
     tokens = np.concatenate([np.zeros(start, np.int32), context_ids, question_ids, answer_ids])
     loss_mask = np.zeros(seq_len, np.float32)
     loss_mask[seq_len - len(answer_ids) :] = 1.0
@@ -301,7 +301,7 @@ class Phonebook:
         question = "What are the numbers of " + ", ".join(entries[i][0] for i in asked) + "?\n"
         book = "".join(f"{name}: {number}\n" for name, number in entries)
         answer = "".join(f"{entries[i][0]}: {entries[i][1]}\n" for i in asked)
-        return _text_example(self.tokenizer, question + book, question, answer, self.seq_len, "train.seq_len")
+        return _text_example(self.tokenizer, question + book, question, answer, self.seq_len, "phonebook")
 
 
 class SelectiveCopy:

@@ -206,13 +206,7 @@ def _plots(results, parameter, seq_lens, values, out_dir) -> list[str]:
     by_len.minorticks_off()
     if parameter == "num_kv_pairs":  # MQAR: copying any value of the context scores 1/D
         by_value.plot(values, [100 / v for v in values], "k--", linewidth=1, label="1/D (copy a context value)")
-    for ax in (by_len, by_value):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    accuracy_png = os.path.join(out_dir, "accuracy.png")
-    fig.savefig(accuracy_png, dpi=110)
-    plt.close(fig)
+    accuracy_png = _save(plt, fig, (by_len, by_value), os.path.join(out_dir, "accuracy.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     longest = max(seq_lens)
@@ -235,13 +229,18 @@ def _plots(results, parameter, seq_lens, values, out_dir) -> list[str]:
         ylabel="loss at answers (nats)",
         title=f"loss by position, L={longest}",
     )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    position_png = os.path.join(out_dir, "loss_by_position.png")
-    fig.savefig(position_png, dpi=110)
-    plt.close(fig)
+    position_png = _save(plt, fig, (ax,), os.path.join(out_dir, "loss_by_position.png"))
     return [accuracy_png, position_png]
+
+
+def _save(plt, fig, axes, path: str) -> str:
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def compare(

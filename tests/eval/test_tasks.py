@@ -128,16 +128,16 @@ def test_eval_mode_writes_task_scores(trained_on_mqar):
         "--config.task.num_kv_pairs=4",
         "--config.eval.num_batches=1",
         "--config.eval.batch_size=8",
-        "--config.eval.tasks=mqar,passkey,phonebook",
+        "--config.eval.tasks=mqar,passkey,selective_copy",
         "--config.eval.jrt_prompt=true",
-        "--config.task.num_entries=2",
+        "--config.task.num_tokens=8",
     ]
     result = run_main(*args, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(workdir, "eval.json")) as f:
         report = json.load(f)
     assert report["step"] == 4 and report["jrt_prompt"] is True and report["source"] == "mqar"
-    assert sorted(report["tasks"]) == ["mqar", "passkey", "phonebook"]
+    assert sorted(report["tasks"]) == ["mqar", "passkey", "selective_copy"]
     for metrics in report["tasks"].values():
         assert 0.0 <= metrics["answer_accuracy"] <= 1.0 and metrics["tokens"] > 0
     # JRT-Prompt: the key-value block (2D = 8 tokens) comes twice, so every query sits at position >= 16
