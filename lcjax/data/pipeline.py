@@ -67,9 +67,12 @@ def eval_batches(
     batches = []
     for b in range(num_batches):
         mine = rows[b * global_batch : (b + 1) * global_batch][process_index::process_count][:local]
-        examples = [make_row(stream, int(r), seq_len) for r in mine]
-        batches.append({k: np.stack([e[k] for e in examples]) for k in examples[0]})
+        batches.append(_stack([make_row(stream, int(r), seq_len) for r in mine]))
     return batches
+
+
+def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 def iterate_from(batches: grain.MapDataset, start_step: int, num_threads: int):
@@ -108,6 +111,5 @@ def example_eval_batches(
     batches = []
     for b in range(num_batches):
         mine = range(b * global_batch, (b + 1) * global_batch)[process_index::process_count][:local]
-        rows = [_device_fields(examples[i]) for i in mine]
-        batches.append({k: np.stack([r[k] for r in rows]) for k in rows[0]})
+        batches.append(_stack([_device_fields(examples[i]) for i in mine]))
     return batches

@@ -380,7 +380,7 @@ def make_task(name: str, task_config, *, tokenizer: Tokenizer, vocab_size: int, 
         task = Phonebook(tokenizer, seq_len=seq_len, num_entries=t.num_entries, num_queries=t.num_queries,
                          num_examples=num_examples, seed=seed)  # fmt: skip
     elif name == "selective_copy":
-        task = SelectiveCopy(vocab_size=min(vocab_size, 2**31 - 1), seq_len=seq_len, num_tokens=t.num_tokens,
+        task = SelectiveCopy(vocab_size=vocab_size, seq_len=seq_len, num_tokens=t.num_tokens,
                              num_examples=num_examples, seed=seed)  # fmt: skip
     else:
         raise ConfigError("eval.tasks", f"unknown task {name!r}; expected one of {TASKS}")

@@ -89,9 +89,10 @@ def stage_config(base: config_dict.ConfigDict, task: str, stage: Stage, override
     values["data"]["source"] = task
     values["train"]["seq_len"] = stage.seq_len
     values["train"]["steps"] = stage.steps
-    values["task"][SWEEP_PARAMETER[task]] = type(values["task"][SWEEP_PARAMETER[task]])(stage.value)
     values["checkpoint"]["every"] = max(stage.steps, 1)
-    return config_lib.from_dict(values).validate(jax.device_count())
+    config = config_lib.from_dict(values)
+    config = dataclasses.replace(config, task=_with_value(config.task, task, stage.value))
+    return config.validate(jax.device_count())
 
 
 def train_model(spec: str, base, task: str, stages: Sequence[Stage], overrides: dict, workdir: str) -> str:
