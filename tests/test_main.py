@@ -3,6 +3,8 @@
 import json
 import math
 
+import numpy as np
+
 from tests.conftest import run_main as _main
 
 RUN = [
@@ -62,3 +64,23 @@ def test_train_eval_generate_resume(tmp_path):
     assert "resumed" in result.stderr
     steps = [r["step"] for r in _records(workdir) if r["split"] == "train"]
     assert steps == [2, 4, 6, 8, 10]
+
+
+def test_pallas_attention_trains_with_the_xla_losses(tmp_path):
+    """attention.impl=pallas (the flash kernel in interpret mode on CPU) through main.py: the xla run's losses."""
+    losses = {}
+    for impl in ("xla", "pallas"):
+        workdir = tmp_path / impl
+        result = _main(
+            *RUN[:5],
+            "--config.train.steps=3",
+            "--config.train.log_every=1",
+            "--config.train.eval_every=100",
+            f"--config.attention.impl={impl}",
+            f"--workdir={workdir}",
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[impl] = [r["loss"] for r in _records(workdir) if r["split"] == "train"]
+    assert len(losses["pallas"]) == 3
+    np.testing.assert_allclose(losses["pallas"], losses["xla"], atol=1e-4, rtol=0)

@@ -1,8 +1,12 @@
 """Multi-head self-attention with grouped-query heads, RoPE, packed-document masking and a KV cache.
 
 softmax(Q K^T * scale + mask) V per head, where query head h reads KV head h // (num_heads / num_kv_heads).
-The core is chosen by `attention.impl`; `xla` is the plain-jnp path and the specification the Pallas, cuDNN and
-ring implementations are tested against. Shapes at the module boundary are [batch, length, heads, head_dim].
+The core of the parallel form is chosen by `attention.impl`: `xla` is the plain-jnp path and the specification the
+others are tested against; `pallas` is `kernels_pallas.flash_attention` (interpret mode on CPU), run per device
+under `shard_map` with batch and heads sharded as the activations are; `cudnn` is
+`jax.nn.dot_product_attention(implementation="cudnn")` on NVIDIA GPUs. An implementation the backend lacks falls
+back to `xla` and says so once. The KV-cache form (`step`) always uses `xla`. Shapes at the module boundary are
+[batch, length, heads, head_dim].
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels_pallas import common as kernel_common
+from kernels_pallas.flash_attention import flash_attention
 from lcjax.errors import ConfigError
 from lcjax.layers.params import normal, param
 from lcjax.layers.rope import apply_rope
-from lcjax.parallel.sharding import constrain
+from lcjax.parallel.sharding import constrain, logical_to_spec
 
-IMPLS = ("xla",)
+IMPLS = ("xla", "pallas", "cudnn")
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -44,12 +50,8 @@ def causal_segment_mask(
     return mask
 
 
-def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float, impl: str = "xla"
-) -> jax.Array:
-    """q [B, T, H, D], k/v [B, S, K, D] with H % K == 0, mask [B, T, S] bool -> [B, T, H, D]."""
-    if impl != "xla":
-        raise ValueError(f"attention impl {impl!r} is not available; expected one of {IMPLS}")
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float) -> jax.Array:
+    """The xla core: q [B, T, H, D], k/v [B, S, K, D] with H % K == 0, mask [B, T, S] bool -> [B, T, H, D]."""
     batch, q_len, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     groups = num_heads // num_kv_heads
@@ -59,6 +61,49 @@ def dot_product_attention(
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", weights, v)
     return out.reshape(batch, q_len, num_heads, head_dim)
+
+
+def causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, *, scale: float, impl: str
+) -> jax.Array:
+    """Causal self-attention within segments: q [B, T, H, D], k/v [B, T, K, D] -> [B, T, H, D], by `impl`."""
+    if impl == "cudnn" and kernel_common.backend() != "gpu":
+        kernel_common.say_once(f"attention.impl=cudnn needs an NVIDIA GPU, not {kernel_common.backend()}; using xla")
+        impl = "xla"
+    if impl == "cudnn":
+        mask = None if segment_ids is None else (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True, implementation="cudnn")
+    if impl == "pallas":
+        return _flash_per_device(q, k, v, segment_ids, scale)
+    slots = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
+    mask = causal_segment_mask(slots, slots, segment_ids, segment_ids)
+    return dot_product_attention(q, k, v, mask, scale=scale)
+
+
+def _flash_per_device(q, k, v, segment_ids, scale):
+    """The Pallas kernel under `shard_map`: a kernel is not partitioned by XLA, so each device runs it on its shard
+    (batch over data/fsdp, heads over tensor). Every device needs the whole sequence: a `sequence`-sharded mesh
+    gathers it here (ring attention is the implementation that keeps it sharded)."""
+    kernel = lambda q, k, v, seg: flash_attention(q, k, v, causal=True, segment_ids=seg, scale=scale, impl="pallas")
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return kernel(q, k, v, segment_ids)
+    if mesh.shape.get("sequence", 1) > 1:
+        kernel_common.say_once("attention.impl=pallas gathers the sequence axis on every device (not ring attention)")
+    q_spec = logical_to_spec(("batch", None, "heads", None), mesh.axis_names)
+    kv_spec = logical_to_spec(("batch", None, "kv_heads", None), mesh.axis_names)
+    seg_spec = logical_to_spec(("batch", None), mesh.axis_names)
+    if segment_ids is None:
+        return jax.shard_map(
+            lambda q, k, v: kernel(q, k, v, None),
+            mesh=mesh,
+            in_specs=(q_spec, kv_spec, kv_spec),
+            out_specs=q_spec,
+            check_vma=False,
+        )(q, k, v)
+    return jax.shard_map(
+        kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec, check_vma=False
+    )(q, k, v, segment_ids)
 
 
 class SelfAttention(nnx.Module):
@@ -111,9 +156,7 @@ class SelfAttention(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
         """x [B, T, d_model]; positions [B, T] (RoPE); segment_ids [B, T] or None. Causal within a segment."""
         q, k, v = self._project(x, positions)
-        slots = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-        mask = causal_segment_mask(slots, slots, segment_ids, segment_ids)
-        out = dot_product_attention(q, k, v, mask, scale=self.head_dim**-0.5, impl=self.config.impl)
+        out = causal_attention(q, k, v, segment_ids, scale=self.head_dim**-0.5, impl=self.config.impl)
         return self._output(out)
 
     def init_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype) -> dict[str, jax.Array]:
@@ -132,6 +175,6 @@ class SelfAttention(nnx.Module):
         k_slots = jnp.broadcast_to(jnp.arange(k_cache.shape[1]), (batch, k_cache.shape[1]))
         mask = causal_segment_mask(q_slots, k_slots, None, None)
         out = dot_product_attention(
-            q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask, scale=self.head_dim**-0.5, impl=self.config.impl
+            q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask, scale=self.head_dim**-0.5
         )
         return self._output(out), {"k": k_cache, "v": v_cache}
