@@ -26,7 +26,8 @@ def backend() -> str:
 
 
 @contextlib.contextmanager
-def _tracing_for(platform: str) -> Iterator[None]:
+def tracing_for(platform: str) -> Iterator[None]:
+    """Within: `backend()` answers `platform`, so code traced here for another platform picks its kernels."""
     _lowering_for.append(platform)
     try:
         yield
@@ -61,7 +62,7 @@ def lower_for(fn: Callable, args: Sequence, platforms: Sequence[str]):
     `impl="auto"|"pallas"` pick that platform's kernels. Lowering runs the Pallas backend's own lowering (block-shape
     checks included) but not its compiler; `compile_for_tpu` runs Mosaic too.
     """
-    with _tracing_for(platforms[0]):
+    with tracing_for(platforms[0]):
         return jax.jit(fn).trace(*args).lower(lowering_platforms=tuple(platforms))
 
 
@@ -79,6 +80,6 @@ def compile_for_tpu(fn: Callable, args: Sequence, topology: str = "v5e:2x2"):
     replicated = NamedSharding(mesh, PartitionSpec())
     mapped = jax.shard_map(fn, mesh=mesh, in_specs=PartitionSpec(), out_specs=PartitionSpec(), check_vma=False)
     abstract = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated) for a in args]
-    with _tracing_for("tpu"):
+    with tracing_for("tpu"):
         lowered = jax.jit(mapped).lower(*abstract)
     return lowered.compile()

@@ -46,6 +46,8 @@ def main(argv):
     if report["hbm"]:
         verdict = "fits" if report["fits"] else "DOES NOT FIT"
         print(f"  {'HBM':<12}{report['hbm'] / GIB:10.3f} GiB per chip: {verdict}")
+    if "pallas_kernel_calls" in report:
+        print(f"  {'Pallas':<12}{report['pallas_kernel_calls']:10d} Mosaic kernel calls in the compiled step")
     if _OUT.value:
         with open(_OUT.value, "w") as f:
             json.dump(report, f, indent=2)

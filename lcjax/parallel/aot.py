@@ -13,6 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from kernels_pallas.common import tracing_for
 from lcjax.parallel.mesh import make_mesh
 from lcjax.train.step import Trainer
 
@@ -69,9 +70,11 @@ def compile_train_step(config, topology: str) -> dict:
             "grad_accum_steps": config.train.grad_accum_steps,
         },
     }
-    lowered = trainer.jit_train_step().lower(trainer.abstract_state, abstract_batch(trainer))
+    with tracing_for("tpu"):  # attention.impl=pallas traces the Mosaic kernels, not interpret mode
+        lowered = trainer.jit_train_step().lower(trainer.abstract_state, abstract_batch(trainer))
     try:
-        memory = lowered.compile().memory_analysis()
+        compiled = lowered.compile()
+        memory = compiled.memory_analysis()
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -89,6 +92,7 @@ def compile_train_step(config, topology: str) -> dict:
         "aliased": memory.alias_size_in_bytes,
         "temporaries": memory.temp_size_in_bytes,
         "generated_code": memory.generated_code_size_in_bytes,
+        "pallas_kernel_calls": compiled.as_text().count('custom_call_target="tpu_custom_call"'),
         "total": total,
         "fits": None if hbm is None else total <= hbm,
     }

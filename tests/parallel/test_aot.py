@@ -1,5 +1,7 @@
 """The real TPU compiler runs on this CPU machine (libtpu from the `tpu` extra) for the sharded train step."""
 
+import dataclasses
+
 import jax
 
 import configs.transformer as transformer_config
@@ -17,4 +19,19 @@ def test_tiny_train_step_compiles_for_tpu_topologies():
         assert state_bytes <= report["arguments"] < state_bytes + 2**20
         assert report["aliased"] >= state_bytes  # the donated state is updated in place
         assert 0 < report["total"] < report["hbm"]
+        assert report["pallas_kernel_calls"] == 0  # attention.impl=xla
     assert jax.default_backend() == "cpu"  # compiling for TPU did not switch the test process's backend
+
+
+def test_train_step_with_the_pallas_kernel_compiles_for_tpu():
+    """attention.impl=pallas inside the sharded step (shard_map over data and tensor): Mosaic kernels, compiled."""
+    config = from_config_dict(transformer_config.get_config("tiny"))
+    config = dataclasses.replace(
+        config,
+        attention=dataclasses.replace(config.attention, impl="pallas"),
+        mesh=dataclasses.replace(config.mesh, data=2, tensor=2),
+    )
+    report = compile_train_step(config, "v5e:2x2")
+    assert report["fits"] is True and report["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2, "sequence": 1}
+    # the forward kernel (in the scanned layers' forward and in the remat of the backward), dk/dv and dq
+    assert report["pallas_kernel_calls"] >= 3
