@@ -6,6 +6,7 @@ calls the library. All logic lives in `lcjax`.
 
 import os
 import sys
+import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
@@ -36,9 +37,23 @@ _INIT_FROM = flags.DEFINE_string(
 )
 
 
+_MULTI_PROCESS = []  # non-empty once jax.distributed is up with more than one process
+
+
 def _fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    _exit(2)
+
+
+def _exit(code: int) -> None:
+    """Exits; in a multi-process run without the shutdown barrier, where the other processes (blocked in a
+    collective or barrier of their own) would keep this one waiting: they see it gone and stop instead."""
+    if _MULTI_PROCESS:
+        logging.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _parse_flags(argv):
@@ -76,9 +91,10 @@ def main(argv):
     from lcjax.train import loop
 
     try:
-        distributed.maybe_initialize(
+        if distributed.maybe_initialize(
             _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_DISTRIBUTED.value
-        )
+        ) and jax.process_count() > 1:
+            _MULTI_PROCESS.append(jax.process_index())
     except ValueError as e:
         _fail(f"--coordinator_address: {e}")
     try:
@@ -97,6 +113,11 @@ def main(argv):
                 print(_PROMPT.value + text)
     except ConfigError as e:
         _fail(str(e))
+    except Exception:
+        if not _MULTI_PROCESS:
+            raise
+        traceback.print_exc()
+        _exit(1)
     logging.flush()
 
 

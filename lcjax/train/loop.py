@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 import time
 from typing import Any
 
@@ -197,10 +198,9 @@ def _meta(run: Run, step: int) -> dict[str, Any]:
 def prepare_workdir(workdir: str) -> None:
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
-        with open(probe, "w"):
+        # One probe per process: every host of a multi-process run probes the same shared workdir at once.
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test."):
             pass
-        os.remove(probe)
     except OSError as e:
         raise ConfigError("workdir", f"cannot write to {workdir!r}: {e.strerror}") from None
 
