@@ -216,6 +216,14 @@ class Config:
             raise ConfigError(
                 "train.seq_len", f"={self.train.seq_len} must be divisible by mesh.sequence={mesh['sequence']}"
             )
+        if self.attention.impl == "ring" and mesh["sequence"] > 1:
+            multiple = mesh["sequence"] * (2 if self.attention.ring_layout == "zigzag" else 1)
+            if self.train.seq_len % multiple:
+                raise ConfigError(
+                    "train.seq_len",
+                    f"={self.train.seq_len} must be divisible by {multiple} for attention.impl=ring with "
+                    f"attention.ring_layout={self.attention.ring_layout} over mesh.sequence={mesh['sequence']}",
+                )
         self.model.validate(self, mesh)
         self._validate_tasks()
         return self

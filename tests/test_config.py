@@ -45,6 +45,11 @@ def test_conversion_errors_name_the_field(values, field):
         ({"data": {"source": "text"}}, "data.path"),
         ({"mesh": {"data": -1, "fsdp": -1}}, "mesh"),
         ({"attention": {"impl": "magic"}}, "attention.impl"),
+        ({"attention": {"impl": "ring", "ring_layout": "spiral"}}, "attention.ring_layout"),
+        (  # zigzag needs 2 * mesh.sequence chunks: 36 is a multiple of 4 but not of 8
+            {"attention": {"impl": "ring"}, "train": {"seq_len": 36}, "mesh": {"sequence": 4, "data": 2}},
+            "train.seq_len",
+        ),
         ({"generate": {"top_p": 0.0}}, "generate.top_p"),
     ],
 )

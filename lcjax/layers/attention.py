@@ -4,9 +4,12 @@ softmax(Q K^T * scale + mask) V per head, where query head h reads KV head h // 
 The core of the parallel form is chosen by `attention.impl`: `xla` is the plain-jnp path and the specification the
 others are tested against; `pallas` is `kernels_pallas.flash_attention` (interpret mode on CPU), run per device
 under `shard_map` with batch and heads sharded as the activations are; `cudnn` is
-`jax.nn.dot_product_attention(implementation="cudnn")` on NVIDIA GPUs. An implementation the backend lacks falls
-back to `xla` and says so once. The KV-cache form (`step`) always uses `xla`. Shapes at the module boundary are
-[batch, length, heads, head_dim].
+`jax.nn.dot_product_attention(implementation="cudnn")` on NVIDIA GPUs; `ring` is ring attention over the mesh's
+`sequence` axis (`lcjax.parallel.ring_attention`), with the model's activations in the `attention.ring_layout`
+order (the model permutes its inputs once, see `Transformer.__call__`). An implementation the backend or mesh
+lacks falls back to `xla` and says so once. The KV-cache form (`step`) uses `xla`, except that with `ring` on a
+`sequence`-sharded mesh each shard of the cache computes a partial softmax and the shards merge by LSE. Shapes at
+the module boundary are [batch, length, heads, head_dim].
 """
 
 from __future__ import annotations
@@ -22,19 +25,33 @@ from kernels_pallas.flash_attention import flash_attention
 from lcjax.errors import ConfigError
 from lcjax.layers.params import normal, param
 from lcjax.layers.rope import apply_rope
+from lcjax.parallel import ring_attention as ring
 from lcjax.parallel.sharding import constrain, logical_to_spec
 
-IMPLS = ("xla", "pallas", "cudnn")
+IMPLS = ("xla", "pallas", "cudnn", "ring")
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     impl: str = "xla"
+    ring_layout: str = "zigzag"  # impl=ring: zigzag | contiguous | striped (causal load balancing)
 
     def validate(self) -> None:
         if self.impl not in IMPLS:
             raise ConfigError("attention.impl", f"unknown implementation {self.impl!r}; expected one of {IMPLS}")
+        if self.ring_layout not in ring.LAYOUTS:
+            raise ConfigError(
+                "attention.ring_layout", f"unknown layout {self.ring_layout!r}; expected one of {ring.LAYOUTS}"
+            )
+
+
+def ring_shards(config: AttentionConfig) -> int:
+    """Devices on the current mesh's `sequence` axis when ring attention is in use, else 1."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if config.impl != "ring" or mesh.empty:
+        return 1
+    return mesh.shape.get("sequence", 1)
 
 
 def causal_segment_mask(
@@ -64,9 +81,22 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
 
 
 def causal_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, *, scale: float, impl: str
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array | None,
+    *,
+    scale: float,
+    impl: str,
+    ring_layout: str = "zigzag",
 ) -> jax.Array:
-    """Causal self-attention within segments: q [B, T, H, D], k/v [B, T, K, D] -> [B, T, H, D], by `impl`."""
+    """Causal self-attention within segments: q [B, T, H, D], k/v [B, T, K, D] -> [B, T, H, D], by `impl`.
+    With `impl="ring"` on a mesh whose `sequence` axis is > 1, the inputs are in `ring_layout` order."""
+    if impl == "ring":
+        if ring_shards(AttentionConfig(impl="ring")) > 1:
+            return _ring_per_device(q, k, v, segment_ids, scale, ring_layout)
+        kernel_common.say_once("attention.impl=ring needs a mesh with sequence > 1; using xla")
+        impl = "xla"
     if impl == "cudnn" and kernel_common.backend() != "gpu":
         kernel_common.say_once(f"attention.impl=cudnn needs an NVIDIA GPU, not {kernel_common.backend()}; using xla")
         impl = "xla"
@@ -104,6 +134,51 @@ def _flash_per_device(q, k, v, segment_ids, scale):
     return jax.shard_map(
         kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec, check_vma=False
     )(q, k, v, segment_ids)
+
+
+def _ring_per_device(q, k, v, segment_ids, scale, layout):
+    """Ring attention under `shard_map`: batch over data/fsdp, heads over tensor, the sequence over `sequence`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    q_spec = logical_to_spec(("batch", "length", "heads", None), mesh.axis_names)
+    kv_spec = logical_to_spec(("batch", "length", "kv_heads", None), mesh.axis_names)
+    seg_spec = logical_to_spec(("batch", "length"), mesh.axis_names)
+    body = lambda q, k, v, seg: ring.ring_attention_local(
+        q, k, v, seg, axis_name="sequence", num_shards=mesh.shape["sequence"], layout=layout, causal=True, scale=scale
+    )[0]
+    if segment_ids is None:
+        segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
+    return jax.shard_map(
+        body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec, check_vma=False
+    )(q, k, v, segment_ids)
+
+
+def _sharded_cache_attention(q, k_cache, v_cache, q_slots, scale):
+    """Attention of a few queries to a KV cache sharded along its length on `sequence`: each shard computes the
+    softmax statistics of its part and the shards merge by LSE (max, then rescaled sums): no ring for one query."""
+    mesh = jax.sharding.get_abstract_mesh()
+    q_spec = logical_to_spec(("batch", None, "heads", None), mesh.axis_names)
+    kv_spec = logical_to_spec(("batch", "length", "kv_heads", None), mesh.axis_names)
+    slot_spec = logical_to_spec(("batch", None), mesh.axis_names)
+
+    def body(q, k, v, q_slots):
+        batch, n, heads, head_dim = q.shape
+        kv_heads, block = k.shape[2], k.shape[1]
+        k_slots = jax.lax.axis_index("sequence") * block + jnp.arange(block)
+        qg = q.reshape(batch, n, kv_heads, heads // kv_heads, head_dim)
+        s = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32) * scale
+        visible = k_slots[None, None, None, None, :] <= q_slots[:, None, None, :, None]
+        s = jnp.where(visible, s, -jnp.inf)
+        m_local = s.max(axis=-1)
+        m = jax.lax.pmax(m_local, "sequence")  # a query always sees slot 0, so m is finite
+        p = jnp.exp(s - m[..., None])
+        l = jax.lax.psum(p.sum(axis=-1), "sequence")
+        o = jax.lax.psum(jnp.einsum("bkgqs,bskd->bqkgd", p, v.astype(jnp.float32)), "sequence")
+        out = o / jnp.moveaxis(l, -1, 1)[..., None]
+        return out.reshape(q.shape).astype(q.dtype)
+
+    return jax.shard_map(
+        body, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, slot_spec), out_specs=q_spec, check_vma=False
+    )(q, k_cache, v_cache, q_slots)
 
 
 class SelfAttention(nnx.Module):
@@ -156,7 +231,9 @@ class SelfAttention(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
         """x [B, T, d_model]; positions [B, T] (RoPE); segment_ids [B, T] or None. Causal within a segment."""
         q, k, v = self._project(x, positions)
-        out = causal_attention(q, k, v, segment_ids, scale=self.head_dim**-0.5, impl=self.config.impl)
+        out = causal_attention(
+            q, k, v, segment_ids, scale=self.head_dim**-0.5, impl=self.config.impl, ring_layout=self.config.ring_layout
+        )
         return self._output(out)
 
     def init_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype) -> dict[str, jax.Array]:
@@ -172,6 +249,12 @@ class SelfAttention(nnx.Module):
         v_cache = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
         batch, n = x.shape[:2]
         q_slots = jnp.broadcast_to(index + jnp.arange(n), (batch, n))
+        if ring_shards(self.config) > 1 and k_cache.shape[1] % ring_shards(self.config) == 0:
+            k_cache = constrain(k_cache, ("batch", "length", "kv_heads", "head_dim"))
+            v_cache = constrain(v_cache, ("batch", "length", "kv_heads", "head_dim"))
+            k_all, v_all = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+            out = _sharded_cache_attention(q, k_all, v_all, q_slots, self.head_dim**-0.5)
+            return self._output(out), {"k": k_cache, "v": v_cache}
         k_slots = jnp.broadcast_to(jnp.arange(k_cache.shape[1]), (batch, k_cache.shape[1]))
         mask = causal_segment_mask(q_slots, k_slots, None, None)
         out = dot_product_attention(

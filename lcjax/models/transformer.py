@@ -15,11 +15,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lcjax.errors import ConfigError
-from lcjax.layers.attention import SelfAttention
+from lcjax.layers.attention import SelfAttention, ring_shards
 from lcjax.layers.mlp import SwiGLU
 from lcjax.layers.norms import RMSNorm
 from lcjax.layers.params import normal, param
 from lcjax.layers.stack import REMAT_POLICIES, LayerStack
+from lcjax.parallel import ring_attention as ring
 from lcjax.parallel.sharding import constrain
 
 
@@ -121,6 +122,7 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
     def __init__(self, cfg: TransformerConfig, attention, *, rngs: nnx.Rngs):
         self.cfg = cfg
+        self.attention = attention
         self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), normal(cfg.embed_init_std))
         self.layers = LayerStack(
             lambda r: Block(cfg, attention, rngs=r),
@@ -151,14 +153,25 @@ class Transformer(nnx.Module):
         return constrain(logits, ("batch", "length", "vocab"))
 
     def __call__(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Parallel form. batch: inputs [B, T] int32, optional positions, segment_ids. -> logits [B, T, V]."""
+        """Parallel form. batch: inputs [B, T] int32, optional positions, segment_ids. -> logits [B, T, V].
+
+        With ring attention over a `sequence` axis of N > 1 devices, the tokens, positions and segment ids are
+        permuted once into the ring layout (device r holds block r of the permuted sequence), every layer works in
+        that order (RoPE sees the global positions), and the hidden states return to natural order before the
+        logits, so callers never see the layout."""
         tokens = batch["inputs"]
         positions = batch.get("positions")
+        segment_ids = batch.get("segment_ids")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x, _ = self.layers(
-            self._embed(tokens, positions), None, positions=positions, segment_ids=batch.get("segment_ids")
-        )
+        shards = ring_shards(self.attention)
+        perm = ring.permutation(tokens.shape[1], shards, self.attention.ring_layout) if shards > 1 else None
+        if perm is not None:
+            tokens, positions = ring.to_layout(tokens, perm), ring.to_layout(positions, perm)
+            segment_ids = None if segment_ids is None else ring.to_layout(segment_ids, perm)
+        x, _ = self.layers(self._embed(tokens, positions), None, positions=positions, segment_ids=segment_ids)
+        if perm is not None:
+            x = ring.from_layout(x, perm)
         return self._logits(x), {}
 
     def init_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype = jnp.float32) -> dict[str, Any]:
