@@ -120,6 +120,12 @@ def _forward_kernel(*refs, geo: _Geometry, call, has_segments: bool):
     lse_ref[...] = m + jnp.log(l)
 
 
+def split_segments(segment_ids) -> tuple[jax.Array, jax.Array]:
+    """One [B, T] array (self-attention) or a (query [B, Tq], key [B, Tk]) pair of segment ids, as int32."""
+    q_seg, kv_seg = segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
+    return q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
+
+
 def forward(q, k, v, segment_ids, call) -> tuple[jax.Array, jax.Array]:
     """q [B, Tq, H, D], k/v [B, Tk, K, D] -> (out [B, Tq, H, D], lse [B, H, Tq] f32)."""
     geo = _Geometry(q, k, call, call.blocks.block_q, call.blocks.block_k)
@@ -133,8 +139,8 @@ def forward(q, k, v, segment_ids, call) -> tuple[jax.Array, jax.Array]:
             pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
             pl.BlockSpec((None, kv_padded), lambda i, b, h: (b, 0)),
         ]
-        seg = segment_ids.astype(jnp.int32)
-        args += [_pad_to(seg, 1, bq, -1), _pad_to(seg, 1, geo.block_k, -1)]
+        q_seg, kv_seg = split_segments(segment_ids)
+        args += [_pad_to(q_seg, 1, bq, -1), _pad_to(kv_seg, 1, geo.block_k, -1)]
     out, lse = pl.pallas_call(
         functools.partial(_forward_kernel, geo=geo, call=call, has_segments=segment_ids is not None),
         grid=(geo.num_q_blocks, geo.batch, geo.num_heads),
@@ -231,8 +237,8 @@ def backward(q, k, v, segment_ids, lse, dout, delta, call) -> tuple[jax.Array, j
     lse_p, delta_p = _pad_to(lse, 2, bq), _pad_to(delta.astype(jnp.float32), 2, bq)
     has_segments = segment_ids is not None
     if has_segments:
-        seg = segment_ids.astype(jnp.int32)
-        q_seg, kv_seg = _pad_to(seg, 1, bq, -1), _pad_to(seg, 1, bk, -1)
+        q_seg, kv_seg = split_segments(segment_ids)
+        q_seg, kv_seg = _pad_to(q_seg, 1, bq, -1), _pad_to(kv_seg, 1, bk, -1)
     kernel_args = dict(geo=geo, call=call, has_segments=has_segments)
 
     # dk, dv: grid (kv block, batch, kv head); a program reads its group's query heads whole.

@@ -66,10 +66,11 @@ class _Geometry:
         x = _pad_to(x.astype(jnp.float32), 2, self.block_q)
         return jnp.broadcast_to(x[..., None], (*x.shape, LANES))
 
-    def segments(self, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-        seg = segment_ids.astype(jnp.int32)
-        q_seg = _pad_to(seg, 1, self.block_q, value=-1)
-        kv_seg = _pad_to(seg, 1, self.block_k, value=-1)
+    def segments(self, segment_ids) -> tuple[jax.Array, jax.Array]:
+        """One [B, T] array (self-attention) or a (query [B, Tq], key [B, Tk]) pair of segment ids."""
+        q_seg, kv_seg = segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
+        q_seg = _pad_to(q_seg.astype(jnp.int32), 1, self.block_q, value=-1)
+        kv_seg = _pad_to(kv_seg.astype(jnp.int32), 1, self.block_k, value=-1)
         return (
             jnp.broadcast_to(q_seg[:, :, None], (*q_seg.shape, LANES)),
             jnp.broadcast_to(kv_seg[:, None, :], (kv_seg.shape[0], SUBLANES, kv_seg.shape[1])),

@@ -72,9 +72,7 @@ def _abstract(length, mesh):
     shape_q = (_BATCH.value, length, _HEADS.value, _HEAD_DIM.value)
     shape_kv = (_BATCH.value, length, _KV_HEADS.value, _HEAD_DIM.value)
     sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec(None, "sequence"))
-    return [
-        jax.ShapeDtypeStruct(s, jnp.float32, sharding=sharding) for s in (shape_q, shape_kv, shape_kv, shape_q)
-    ]
+    return [jax.ShapeDtypeStruct(s, jnp.float32, sharding=sharding) for s in (shape_q, shape_kv, shape_kv, shape_q)]
 
 
 def _ring_in_layout_order(mesh, layout):
@@ -127,7 +125,12 @@ def main(argv):
     results = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {jax.device_count()} fake "
         f"devices, jax {jax.__version__}",
-        "shape": {"batch": _BATCH.value, "heads": _HEADS.value, "kv_heads": _KV_HEADS.value, "head_dim": _HEAD_DIM.value},
+        "shape": {
+            "batch": _BATCH.value,
+            "heads": _HEADS.value,
+            "kv_heads": _KV_HEADS.value,
+            "head_dim": _HEAD_DIM.value,
+        },
         "memory": [],
         "critical_path": {},
         "scaling": [],
@@ -145,7 +148,7 @@ def main(argv):
             row["ring_s"] = _time(ring_exe, length, mesh8)
             row["dense_mesh_s"] = _time(dense_exe, length, mesh8)
         results["memory"].append(row)
-        fmt = lambda key: f"{row[key]:.3f}" if key in row else "—"
+        fmt = lambda key, row=row: f"{row[key]:.3f}" if key in row else "—"
         print(
             f"| {length} | {ring_gib:.4f} | {dense_gib:.4f} | {single_gib:.4f} | {ring_gib / dense_gib:.4f} | "
             f"{fmt('ring_s')} | {fmt('dense_mesh_s')} |",
@@ -182,7 +185,9 @@ def main(argv):
         entry = {"sequence": sequence, "longest_T": best[0] if best else 0, "gib": best[1] if best else None}
         results["scaling"].append(entry)
         name = "1 (dense)" if sequence == 1 else str(sequence)
-        print(f"| {name} | {entry['longest_T']} | {entry['gib']:.3f} |" if best else f"| {name} | none | — |", flush=True)
+        print(
+            f"| {name} | {entry['longest_T']} | {entry['gib']:.3f} |" if best else f"| {name} | none | — |", flush=True
+        )
     with open(_OUT.value, "w") as f:
         json.dump(results, f, indent=2)
     print(f"\nwrote {_OUT.value}")

@@ -36,6 +36,7 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 class AttentionConfig:
     impl: str = "xla"
     ring_layout: str = "zigzag"  # impl=ring: zigzag | contiguous | striped (causal load balancing)
+    ring_engine: str = "jnp"  # impl=ring: per-block computation, jnp | pallas (the flash kernel's out and lse)
 
     def validate(self) -> None:
         if self.impl not in IMPLS:
@@ -43,6 +44,10 @@ class AttentionConfig:
         if self.ring_layout not in ring.LAYOUTS:
             raise ConfigError(
                 "attention.ring_layout", f"unknown layout {self.ring_layout!r}; expected one of {ring.LAYOUTS}"
+            )
+        if self.ring_engine not in ring.ENGINES:
+            raise ConfigError(
+                "attention.ring_engine", f"unknown engine {self.ring_engine!r}; expected one of {ring.ENGINES}"
             )
 
 
@@ -89,12 +94,13 @@ def causal_attention(
     scale: float,
     impl: str,
     ring_layout: str = "zigzag",
+    ring_engine: str = "jnp",
 ) -> jax.Array:
     """Causal self-attention within segments: q [B, T, H, D], k/v [B, T, K, D] -> [B, T, H, D], by `impl`.
     With `impl="ring"` on a mesh whose `sequence` axis is > 1, the inputs are in `ring_layout` order."""
     if impl == "ring":
         if ring_shards(AttentionConfig(impl="ring")) > 1:
-            return _ring_per_device(q, k, v, segment_ids, scale, ring_layout)
+            return _ring_per_device(q, k, v, segment_ids, scale, ring_layout, ring_engine)
         kernel_common.say_once("attention.impl=ring needs a mesh with sequence > 1; using xla")
         impl = "xla"
     if impl == "cudnn" and kernel_common.backend() != "gpu":
@@ -136,14 +142,23 @@ def _flash_per_device(q, k, v, segment_ids, scale):
     )(q, k, v, segment_ids)
 
 
-def _ring_per_device(q, k, v, segment_ids, scale, layout):
+def _ring_per_device(q, k, v, segment_ids, scale, layout, engine):
     """Ring attention under `shard_map`: batch over data/fsdp, heads over tensor, the sequence over `sequence`."""
     mesh = jax.sharding.get_abstract_mesh()
     q_spec = logical_to_spec(("batch", "length", "heads", None), mesh.axis_names)
     kv_spec = logical_to_spec(("batch", "length", "kv_heads", None), mesh.axis_names)
     seg_spec = logical_to_spec(("batch", "length"), mesh.axis_names)
     body = lambda q, k, v, seg: ring.ring_attention_local(
-        q, k, v, seg, axis_name="sequence", num_shards=mesh.shape["sequence"], layout=layout, causal=True, scale=scale
+        q,
+        k,
+        v,
+        seg,
+        axis_name="sequence",
+        num_shards=mesh.shape["sequence"],
+        layout=layout,
+        causal=True,
+        scale=scale,
+        engine=engine,
     )[0]
     if segment_ids is None:
         segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
@@ -232,7 +247,14 @@ class SelfAttention(nnx.Module):
         """x [B, T, d_model]; positions [B, T] (RoPE); segment_ids [B, T] or None. Causal within a segment."""
         q, k, v = self._project(x, positions)
         out = causal_attention(
-            q, k, v, segment_ids, scale=self.head_dim**-0.5, impl=self.config.impl, ring_layout=self.config.ring_layout
+            q,
+            k,
+            v,
+            segment_ids,
+            scale=self.head_dim**-0.5,
+            impl=self.config.impl,
+            ring_layout=self.config.ring_layout,
+            ring_engine=self.config.ring_engine,
         )
         return self._output(out)
 

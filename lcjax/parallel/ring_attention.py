@@ -36,10 +36,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from kernels_pallas import common as kernel_common
+from kernels_pallas import flash_attention as flash
+
 LAYOUTS = ("zigzag", "contiguous", "striped")
 
-# plan of one ring step: which part of the (query block × visiting key block) pairs is computed
-_FULL, _KEY_FIRST_HALF, _QUERY_SECOND_HALF, _SKIP = 0, 1, 2, 3
+ENGINES = ("jnp", "pallas")
+
+# plan of one ring step: which part of the (query block × visiting key block) pairs is computed; _DIAGONAL is the
+# first step of a causal ring (the local block, causal in local order for every layout)
+_FULL, _KEY_FIRST_HALF, _QUERY_SECOND_HALF, _SKIP, _DIAGONAL = 0, 1, 2, 3, 4
 
 
 # -- layouts ----------------------------------------------------------------------------------------------------
@@ -87,25 +93,26 @@ def from_layout(x: jax.Array, perm: np.ndarray, axis: int = 1) -> jax.Array:
 
 def step_plan(layout: str, causal: bool, step, rank, num_shards: int):
     """The plan of ring step `step` on device `rank`; the visiting block comes from (rank - step) mod N."""
-    if not causal or layout == "striped":
+    if not causal:
         return jnp.int32(_FULL)
-    if layout == "contiguous":
-        return jnp.where(step <= rank, _FULL, _SKIP).astype(jnp.int32)
-    return jnp.where(step == 0, _FULL, jnp.where(step <= rank, _KEY_FIRST_HALF, _QUERY_SECOND_HALF)).astype(jnp.int32)
+    if layout == "striped":
+        later = _FULL
+    elif layout == "contiguous":
+        later = jnp.where(step <= rank, _FULL, _SKIP)
+    else:
+        later = jnp.where(step <= rank, _KEY_FIRST_HALF, _QUERY_SECOND_HALF)
+    return jnp.where(step == 0, _DIAGONAL, later).astype(jnp.int32)
 
 
 def critical_path_work(layout: str, num_shards: int, causal: bool = True) -> float:
     """Σ over ring steps of the busiest device's work, in full blocks (the per-step wall time is the maximum)."""
-    fraction = {_FULL: 1.0, _KEY_FIRST_HALF: 0.5, _QUERY_SECOND_HALF: 0.5, _SKIP: 0.0}
+    fraction = {_FULL: 1.0, _DIAGONAL: 1.0, _KEY_FIRST_HALF: 0.5, _QUERY_SECOND_HALF: 0.5, _SKIP: 0.0}
     total = 0.0
     for step in range(num_shards):
         work = []
         for rank in range(num_shards):
             plan = int(step_plan(layout, causal, step, rank, num_shards))
-            if layout == "striped" and causal and plan == _FULL:
-                work.append(1.0)  # the full block is computed; about half of it is masked
-            else:
-                work.append(fraction[plan])
+            work.append(fraction[plan])  # striped: full blocks are computed, about half of each masked
         total += max(work)
     return total
 
@@ -171,12 +178,68 @@ def _merge(a, b):
     return m, a1 * l1 + a2 * l2, rows(a1) * o1 + rows(a2) * o2
 
 
-def _planned_stats(plan, q, k, v, q_slots, k_slots, q_seg, k_seg, *, causal, scale):
+def _kernel_call(causal: bool, scale: float):
+    """The flash kernel's static call for one ring block: this backend's kernel family (interpret mode on CPU)."""
+    platform = kernel_common.backend()
+    target = "gpu" if platform == "gpu" else "tpu"
+    return flash.Call(
+        causal=causal,
+        sliding_window=None,
+        softcap=None,
+        scale=scale,
+        target=target,
+        interpret=platform not in ("tpu", "gpu"),
+        blocks=flash.BlockSizes.default(target),
+    )
+
+
+def _kernel_stats(q, k, v, q_slots, k_slots, q_seg, k_seg, *, causal, scale):
+    """`_block_stats` by the Pallas flash kernel: (m, l, o) = (lse, 1, out). `causal` is in local order here (the
+    ring's first step); later blocks are non-causal. A row with no visible key gets lse ~ -1e38: weight 0 in the
+    merge, since every row sees itself at the first step."""
+    del q_slots, k_slots
+    batch, cq, kv_heads, groups, head_dim = q.shape
+    module = flash._backend(_kernel_call(causal, scale).target)
+    out, lse = module.forward(
+        q.reshape(batch, cq, kv_heads * groups, head_dim), k, v, (q_seg, k_seg), _kernel_call(causal, scale)
+    )
+    m = lse.reshape(batch, kv_heads, groups, cq)
+    return m, jnp.ones_like(m), out.reshape(q.shape).astype(jnp.float32)
+
+
+def _kernel_grads(q, k, v, do, lse, delta, q_slots, k_slots, q_seg, k_seg, *, causal, scale):
+    """`_block_grads` by the Pallas flash kernel's backward (it takes the global lse and delta)."""
+    del q_slots, k_slots
+    batch, cq, kv_heads, groups, head_dim = q.shape
+    heads = kv_heads * groups
+    call = _kernel_call(causal, scale)
+    dq, dk, dv = flash._backend(call.target).backward(
+        q.reshape(batch, cq, heads, head_dim),
+        k,
+        v,
+        (q_seg, k_seg),
+        lse.reshape(batch, heads, cq),
+        do.reshape(batch, cq, heads, head_dim).astype(q.dtype),
+        delta.reshape(batch, heads, cq),
+        call,
+    )
+    f32 = lambda x: x.astype(jnp.float32)
+    return f32(dq).reshape(q.shape), f32(dk), f32(dv)
+
+
+def _planned_stats(plan, q, k, v, q_slots, k_slots, q_seg, k_seg, *, causal, scale, engine="jnp"):
     half_q, half_k = q.shape[1] // 2, k.shape[1] // 2
-    stats = functools.partial(_block_stats, causal=causal, scale=scale)
+    if engine == "pallas":
+        stats = functools.partial(_kernel_stats, causal=False, scale=scale)
+        diagonal = functools.partial(_kernel_stats, causal=True, scale=scale)
+    else:
+        stats = diagonal = functools.partial(_block_stats, causal=causal, scale=scale)
 
     def full(*_):
         return stats(q, k, v, q_slots, k_slots, q_seg, k_seg)
+
+    def local(*_):
+        return diagonal(q, k, v, q_slots, k_slots, q_seg, k_seg)
 
     def key_first_half(*_):
         return stats(q, k[:, :half_k], v[:, :half_k], q_slots, k_slots[:half_k], q_seg, k_seg[:, :half_k])
@@ -189,7 +252,7 @@ def _planned_stats(plan, q, k, v, q_slots, k_slots, q_seg, k_seg, *, causal, sca
     def skip(*_):
         return _empty_stats(q)
 
-    return jax.lax.switch(plan, (full, key_first_half, query_second_half, skip))
+    return jax.lax.switch(plan, (full, key_first_half, query_second_half, skip, local))
 
 
 def _block_grads(q, k, v, do, lse, delta, q_slots, k_slots, q_seg, k_seg, *, causal, scale):
@@ -205,13 +268,20 @@ def _block_grads(q, k, v, do, lse, delta, q_slots, k_slots, q_seg, k_seg, *, cau
     return dq, dk, dv
 
 
-def _planned_grads(plan, q, k, v, do, lse, delta, q_slots, k_slots, q_seg, k_seg, *, causal, scale):
+def _planned_grads(plan, q, k, v, do, lse, delta, q_slots, k_slots, q_seg, k_seg, *, causal, scale, engine="jnp"):
     half_q, half_k = q.shape[1] // 2, k.shape[1] // 2
-    grads = functools.partial(_block_grads, causal=causal, scale=scale)
+    if engine == "pallas":
+        grads = functools.partial(_kernel_grads, causal=False, scale=scale)
+        diagonal = functools.partial(_kernel_grads, causal=True, scale=scale)
+    else:
+        grads = diagonal = functools.partial(_block_grads, causal=causal, scale=scale)
     f32 = lambda x: jnp.zeros(x.shape, jnp.float32)
 
     def full(*_):
         return grads(q, k, v, do, lse, delta, q_slots, k_slots, q_seg, k_seg)
+
+    def local(*_):
+        return diagonal(q, k, v, do, lse, delta, q_slots, k_slots, q_seg, k_seg)
 
     def key_first_half(*_):
         dq, dk, dv = grads(
@@ -229,7 +299,7 @@ def _planned_grads(plan, q, k, v, do, lse, delta, q_slots, k_slots, q_seg, k_seg
     def skip(*_):
         return f32(q), f32(k), f32(v)
 
-    return jax.lax.switch(plan, (full, key_first_half, query_second_half, skip))
+    return jax.lax.switch(plan, (full, key_first_half, query_second_half, skip, local))
 
 
 # -- the ring ---------------------------------------------------------------------------------------------------
@@ -239,7 +309,7 @@ def _shift(tree, axis_name, num_shards):
     return jax.lax.ppermute(tree, axis_name, [(i, (i + 1) % num_shards) for i in range(num_shards)])
 
 
-def _forward(q, k, v, q_seg, k_seg, axis_name, num_shards, layout, causal, scale):
+def _forward(q, k, v, q_seg, k_seg, axis_name, num_shards, layout, causal, scale, engine):
     rank = jax.lax.axis_index(axis_name)
     block = q.shape[1]
     q_slots = local_slots(layout, rank, num_shards, block)
@@ -249,7 +319,7 @@ def _forward(q, k, v, q_seg, k_seg, axis_name, num_shards, layout, causal, scale
         source = (rank - step) % num_shards
         k_slots = local_slots(layout, source, num_shards, block)
         plan = step_plan(layout, causal, step, rank, num_shards)
-        new = _planned_stats(plan, q, k, v, q_slots, k_slots, q_seg, k_seg, causal=causal, scale=scale)
+        new = _planned_stats(plan, q, k, v, q_slots, k_slots, q_seg, k_seg, causal=causal, scale=scale, engine=engine)
         return _merge(stats, new)
 
     def body(carry, step):
@@ -266,17 +336,17 @@ def _forward(q, k, v, q_seg, k_seg, axis_name, num_shards, layout, causal, scale
     return out.astype(q.dtype), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _ring(q, k, v, q_seg, k_seg, axis_name, num_shards, layout, causal, scale):
-    return _forward(q, k, v, q_seg, k_seg, axis_name, num_shards, layout, causal, scale)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def _ring(q, k, v, q_seg, k_seg, axis_name, num_shards, layout, causal, scale, engine):
+    return _forward(q, k, v, q_seg, k_seg, axis_name, num_shards, layout, causal, scale, engine)
 
 
-def _ring_fwd(q, k, v, q_seg, k_seg, axis_name, num_shards, layout, causal, scale):
-    out, lse = _forward(q, k, v, q_seg, k_seg, axis_name, num_shards, layout, causal, scale)
+def _ring_fwd(q, k, v, q_seg, k_seg, axis_name, num_shards, layout, causal, scale, engine):
+    out, lse = _forward(q, k, v, q_seg, k_seg, axis_name, num_shards, layout, causal, scale, engine)
     return (out, lse), (q, k, v, q_seg, k_seg, out, lse)
 
 
-def _ring_bwd(axis_name, num_shards, layout, causal, scale, residuals, cotangents):
+def _ring_bwd(axis_name, num_shards, layout, causal, scale, engine, residuals, cotangents):
     q, k, v, q_seg, k_seg, out, lse = residuals
     do, dlse = cotangents
     do = do.astype(jnp.float32)
@@ -292,7 +362,7 @@ def _ring_bwd(axis_name, num_shards, layout, causal, scale, residuals, cotangent
         k_slots = local_slots(layout, source, num_shards, block)
         plan = step_plan(layout, causal, step, rank, num_shards)
         dq_b, dk_b, dv_b = _planned_grads(
-            plan, q, k, v, do, lse, delta, q_slots, k_slots, q_seg, k_seg, causal=causal, scale=scale
+            plan, q, k, v, do, lse, delta, q_slots, k_slots, q_seg, k_seg, causal=causal, scale=scale, engine=engine
         )
         return dq + dq_b, (dkv[0] + dk_b, dkv[1] + dv_b)
 
@@ -324,11 +394,14 @@ def ring_attention_local(
     layout: str = "zigzag",
     causal: bool = False,
     scale: float | None = None,
+    engine: str = "jnp",
 ) -> tuple[jax.Array, jax.Array]:
     """Per-device ring attention, called inside `shard_map` over `axis_name` with data in `layout` order.
 
-    q [B, c, H, D], k/v [B, c, K, D] (H % K == 0), segment_ids [B, c] or None: this device's blocks. Returns
-    (out [B, c, H, D] in q's dtype, lse [B, H, c] float32, natural log).
+    q [B, c, H, D], k/v [B, c, K, D] (H % K == 0), segment_ids [B, c] or None: this device's blocks. `engine`
+    computes each block: "jnp" (einsums, the default) or "pallas" (the flash kernel's forward and backward,
+    interpret mode on CPU; the striped layout's strictly-causal blocks have no kernel mask, so striped uses jnp).
+    Returns (out [B, c, H, D] in q's dtype, lse [B, H, c] float32, natural log).
     """
     batch, block, heads, head_dim = q.shape
     kv_heads = k.shape[2]
@@ -336,10 +409,15 @@ def ring_attention_local(
         raise ValueError(f"query heads {heads} must be a multiple of KV heads {kv_heads}")
     if layout == "zigzag" and block % 2:
         raise ValueError(f"the zigzag layout needs an even block per device, got {block}")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown ring engine {engine!r}; expected one of {ENGINES}")
+    if engine == "pallas" and causal and layout == "striped":
+        kernel_common.say_once("ring attention: the striped layout has no Pallas block engine; using jnp blocks")
+        engine = "jnp"
     scale = head_dim**-0.5 if scale is None else float(scale)
     seg = jnp.zeros((batch, block), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
     qg = q.reshape(batch, block, kv_heads, heads // kv_heads, head_dim)
-    out, lse = _ring(qg, k, v, seg, seg, axis_name, num_shards, layout, causal, scale)
+    out, lse = _ring(qg, k, v, seg, seg, axis_name, num_shards, layout, causal, scale, engine)
     return out.reshape(q.shape), lse.reshape(batch, heads, block)
 
 
@@ -356,13 +434,15 @@ def ring_attention(
     scale: float | None = None,
     batch_axes: str | tuple[str, ...] | None = None,
     head_axis: str | None = None,
+    engine: str = "jnp",
 ) -> jax.Array:
     """Exact attention with the sequence sharded over `mesh`'s `axis_name`, on global arrays in natural order.
 
     q [batch, length, heads, head_dim], k/v [batch, length, kv_heads, head_dim]; segment_ids [batch, length]
     (packed documents: attention stays within a document) or None; `scale=None` means head_dim ** -0.5. The
     layout permutation is applied to the inputs and undone on the output. `batch_axes` / `head_axis` optionally
-    shard batch and heads over other mesh axes as well. Returns [batch, length, heads, head_dim].
+    shard batch and heads over other mesh axes as well. `engine` computes each block: "jnp" or "pallas" (see
+    `ring_attention_local`). Returns [batch, length, heads, head_dim].
     """
     if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(
@@ -378,7 +458,13 @@ def ring_attention(
     place = jax.sharding.reshard if explicit else jax.lax.with_sharding_constraint
     put = lambda x, s: place(x, NamedSharding(mesh, s))
     body = functools.partial(
-        ring_attention_local, axis_name=axis_name, num_shards=num_shards, layout=layout, causal=causal, scale=scale
+        ring_attention_local,
+        axis_name=axis_name,
+        num_shards=num_shards,
+        layout=layout,
+        causal=causal,
+        scale=scale,
+        engine=engine,
     )
     args = [put(to_layout(x, perm), spec) for x in (q, k, v)]
     if segment_ids is None:

@@ -16,20 +16,24 @@ from lcjax.train.step import Trainer
 from tests.conftest import make_config
 from tests.layers.test_attention import _packed_batch
 
-# id: (layout, causal, segments, heads, kv_heads, explicit mesh axes)
+# id: (layout, causal, segments, heads, kv_heads, explicit mesh axes, block engine)
 CASES = {
-    "zigzag-causal-segments-gqa2": ("zigzag", True, True, 4, 2, True),
-    "zigzag-noncausal-gqa4": ("zigzag", False, False, 4, 1, False),
-    "contiguous-causal-gqa2": ("contiguous", True, False, 4, 2, False),
-    "contiguous-noncausal-segments-mha": ("contiguous", False, True, 2, 2, True),
-    "striped-causal-segments-gqa4": ("striped", True, True, 4, 1, False),
-    "striped-noncausal-segments-gqa2": ("striped", False, True, 4, 2, False),
+    "zigzag-causal-segments-gqa2": ("zigzag", True, True, 4, 2, True, "jnp"),
+    "zigzag-noncausal-gqa4": ("zigzag", False, False, 4, 1, False, "jnp"),
+    "contiguous-causal-gqa2": ("contiguous", True, False, 4, 2, False, "jnp"),
+    "contiguous-noncausal-segments-mha": ("contiguous", False, True, 2, 2, True, "jnp"),
+    "striped-causal-segments-gqa4": ("striped", True, True, 4, 1, False, "jnp"),
+    "striped-noncausal-segments-gqa2": ("striped", False, True, 4, 2, False, "jnp"),
+    # the Pallas flash kernel (interpret mode) as the per-block engine
+    "pallas-zigzag-causal-segments-gqa2": ("zigzag", True, True, 4, 2, False, "pallas"),
+    "pallas-contiguous-causal-gqa2": ("contiguous", True, False, 4, 2, False, "pallas"),
+    "pallas-zigzag-noncausal-segments-mha": ("zigzag", False, True, 2, 2, False, "pallas"),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_ring_equals_dense_attention(case):
-    layout, causal, segments, heads, kv_heads, explicit = CASES[case]
+    layout, causal, segments, heads, kv_heads, explicit, engine = CASES[case]
     batch, length, head_dim = 2, 64, 16
     if explicit:  # jax.make_mesh's default (Explicit) axes, as a user would build them
         mesh = jax.make_mesh((8,), ("sequence",))
@@ -47,11 +51,13 @@ def test_ring_equals_dense_attention(case):
         return jax.jit(lambda q, k, v: (attend(q, k, v), *jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))(q, k, v)
 
     ring_fn = lambda q, k, v: ring.ring_attention(
-        q, k, v, mesh=mesh, causal=causal, segment_ids=seg, layout=layout, scale=0.3
+        q, k, v, mesh=mesh, causal=causal, segment_ids=seg, layout=layout, scale=0.3, engine=engine
     )
     dense_fn = lambda q, k, v: reference(q, k, v, causal=causal, segment_ids=seg, scale=0.3)[0]
     with jax.set_mesh(mesh):
         got = outputs_and_grads(ring_fn)
+        if engine == "pallas":  # the kernel really computes the blocks
+            assert "pallas_call" in str(jax.make_jaxpr(ring_fn)(q, k, v))
     want = outputs_and_grads(dense_fn)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5, err_msg=name)
@@ -74,6 +80,7 @@ def test_layout_is_a_permutation_and_plans_drop_no_visible_pair(layout, num_shar
             plan = int(ring.step_plan(layout, True, step, rank, num_shards))
             dropped = {
                 ring._FULL: np.zeros_like(visible),
+                ring._DIAGONAL: np.zeros_like(visible),
                 ring._KEY_FIRST_HALF: np.arange(block)[None, :] >= half,
                 ring._QUERY_SECOND_HALF: np.arange(block)[:, None] < half,
                 ring._SKIP: np.ones_like(visible),
@@ -114,10 +121,11 @@ def _one_step(mesh_sizes, attention):
     return jax.device_get(state["params"]), float(metrics["loss"])
 
 
-@pytest.mark.parametrize("layout", ["zigzag", "striped"])
-def test_ring_train_step_on_sequence_and_data_equals_single_device_dense(layout):
+@pytest.mark.parametrize("layout, engine", [("zigzag", "jnp"), ("contiguous", "pallas")])
+def test_ring_train_step_on_sequence_and_data_equals_single_device_dense(layout, engine):
     dense_params, dense_loss = _one_step({}, {"impl": "xla"})
-    ring_params, ring_loss = _one_step({"sequence": 4, "data": 2}, {"impl": "ring", "ring_layout": layout})
+    attention = {"impl": "ring", "ring_layout": layout, "ring_engine": engine}
+    ring_params, ring_loss = _one_step({"sequence": 4, "data": 2}, attention)
     assert abs(ring_loss - dense_loss) < 1e-5
     for a, b in zip(jax.tree.leaves(dense_params), jax.tree.leaves(ring_params), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
