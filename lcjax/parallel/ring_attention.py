@@ -227,13 +227,20 @@ def _kernel_grads(q, k, v, do, lse, delta, q_slots, k_slots, q_seg, k_seg, *, ca
     return f32(dq).reshape(q.shape), f32(dk), f32(dv)
 
 
+def _block_fns(engine, causal, scale, jnp_fn, kernel_fn):
+    """(off-diagonal, diagonal) block functions: the kernel needs its causal flag (local order) on the diagonal
+    block only; the jnp blocks mask by global slots everywhere."""
+    if engine == "pallas":
+        return functools.partial(kernel_fn, causal=False, scale=scale), functools.partial(
+            kernel_fn, causal=True, scale=scale
+        )
+    same = functools.partial(jnp_fn, causal=causal, scale=scale)
+    return same, same
+
+
 def _planned_stats(plan, q, k, v, q_slots, k_slots, q_seg, k_seg, *, causal, scale, engine="jnp"):
     half_q, half_k = q.shape[1] // 2, k.shape[1] // 2
-    if engine == "pallas":
-        stats = functools.partial(_kernel_stats, causal=False, scale=scale)
-        diagonal = functools.partial(_kernel_stats, causal=True, scale=scale)
-    else:
-        stats = diagonal = functools.partial(_block_stats, causal=causal, scale=scale)
+    stats, diagonal = _block_fns(engine, causal, scale, _block_stats, _kernel_stats)
 
     def full(*_):
         return stats(q, k, v, q_slots, k_slots, q_seg, k_seg)
@@ -270,11 +277,7 @@ def _block_grads(q, k, v, do, lse, delta, q_slots, k_slots, q_seg, k_seg, *, cau
 
 def _planned_grads(plan, q, k, v, do, lse, delta, q_slots, k_slots, q_seg, k_seg, *, causal, scale, engine="jnp"):
     half_q, half_k = q.shape[1] // 2, k.shape[1] // 2
-    if engine == "pallas":
-        grads = functools.partial(_kernel_grads, causal=False, scale=scale)
-        diagonal = functools.partial(_kernel_grads, causal=True, scale=scale)
-    else:
-        grads = diagonal = functools.partial(_block_grads, causal=causal, scale=scale)
+    grads, diagonal = _block_fns(engine, causal, scale, _block_grads, _kernel_grads)
     f32 = lambda x: jnp.zeros(x.shape, jnp.float32)
 
     def full(*_):
