@@ -36,7 +36,7 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 class AttentionConfig:
     impl: str = "xla"
     ring_layout: str = "zigzag"  # impl=ring: zigzag | contiguous | striped (causal load balancing)
-    ring_engine: str = "jnp"  # impl=ring: per-block computation, jnp | pallas (the flash kernel's out and lse)
+    ring_engine: str = "auto"  # impl=ring: per-block computation, auto (pallas on TPU, else jnp) | jnp | pallas
 
     def validate(self) -> None:
         if self.impl not in IMPLS:
@@ -94,7 +94,7 @@ def causal_attention(
     scale: float,
     impl: str,
     ring_layout: str = "zigzag",
-    ring_engine: str = "jnp",
+    ring_engine: str = "auto",
 ) -> jax.Array:
     """Causal self-attention within segments: q [B, T, H, D], k/v [B, T, K, D] -> [B, T, H, D], by `impl`.
     With `impl="ring"` on a mesh whose `sequence` axis is > 1, the inputs are in `ring_layout` order."""

@@ -41,7 +41,7 @@ from kernels_pallas import flash_attention as flash
 
 LAYOUTS = ("zigzag", "contiguous", "striped")
 
-ENGINES = ("jnp", "pallas")
+ENGINES = ("auto", "jnp", "pallas")
 
 # plan of one ring step: which part of the (query block × visiting key block) pairs is computed; _DIAGONAL is the
 # first step of a causal ring (the local block, causal in local order for every layout)
@@ -397,13 +397,14 @@ def ring_attention_local(
     layout: str = "zigzag",
     causal: bool = False,
     scale: float | None = None,
-    engine: str = "jnp",
+    engine: str = "auto",
 ) -> tuple[jax.Array, jax.Array]:
     """Per-device ring attention, called inside `shard_map` over `axis_name` with data in `layout` order.
 
     q [B, c, H, D], k/v [B, c, K, D] (H % K == 0), segment_ids [B, c] or None: this device's blocks. `engine`
-    computes each block: "jnp" (einsums, the default) or "pallas" (the flash kernel's forward and backward,
-    interpret mode on CPU; the striped layout's strictly-causal blocks have no kernel mask, so striped uses jnp).
+    computes each block: "jnp" (einsums), "pallas" (the flash kernel's forward and backward, interpret mode on CPU;
+    the striped layout's strictly-causal blocks have no kernel mask, so striped uses jnp) or "auto" (pallas on TPU,
+    where it needs far less memory than jnp blocks, jnp elsewhere).
     Returns (out [B, c, H, D] in q's dtype, lse [B, H, c] float32, natural log).
     """
     batch, block, heads, head_dim = q.shape
@@ -414,6 +415,8 @@ def ring_attention_local(
         raise ValueError(f"the zigzag layout needs an even block per device, got {block}")
     if engine not in ENGINES:
         raise ValueError(f"unknown ring engine {engine!r}; expected one of {ENGINES}")
+    if engine == "auto":
+        engine = "pallas" if kernel_common.backend() == "tpu" else "jnp"
     if engine == "pallas" and causal and layout == "striped":
         kernel_common.say_once("ring attention: the striped layout has no Pallas block engine; using jnp blocks")
         engine = "jnp"
@@ -437,14 +440,14 @@ def ring_attention(
     scale: float | None = None,
     batch_axes: str | tuple[str, ...] | None = None,
     head_axis: str | None = None,
-    engine: str = "jnp",
+    engine: str = "auto",
 ) -> jax.Array:
     """Exact attention with the sequence sharded over `mesh`'s `axis_name`, on global arrays in natural order.
 
     q [batch, length, heads, head_dim], k/v [batch, length, kv_heads, head_dim]; segment_ids [batch, length]
     (packed documents: attention stays within a document) or None; `scale=None` means head_dim ** -0.5. The
     layout permutation is applied to the inputs and undone on the output. `batch_axes` / `head_axis` optionally
-    shard batch and heads over other mesh axes as well. `engine` computes each block: "jnp" or "pallas" (see
+    shard batch and heads over other mesh axes as well. `engine` computes each block: "auto", "jnp" or "pallas" (see
     `ring_attention_local`). Returns [batch, length, heads, head_dim].
     """
     if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
