@@ -35,3 +35,18 @@ def test_train_step_with_the_pallas_kernel_compiles_for_tpu():
     assert report["fits"] is True and report["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2, "sequence": 1}
     # the forward kernel (in the scanned layers' forward and in the remat of the backward), dk/dv and dq
     assert report["pallas_kernel_calls"] >= 3
+
+
+def test_train_step_with_ring_attention_compiles_for_tpu_with_pallas_blocks():
+    """attention.impl=ring over sequence=4: the ring (shard_map, ppermute) compiles with the TPU compiler, and the
+    default ring_engine=auto computes its blocks with the Mosaic flash kernels there."""
+    config = from_config_dict(transformer_config.get_config("tiny"))
+    config = dataclasses.replace(
+        config,
+        attention=dataclasses.replace(config.attention, impl="ring"),
+        mesh=dataclasses.replace(config.mesh, data=1, sequence=4),
+        train=dataclasses.replace(config.train, batch_size=4),
+    )
+    report = compile_train_step(config, "v5e:2x2")
+    assert report["fits"] is True and report["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 4}
+    assert report["pallas_kernel_calls"] >= 3
