@@ -1,0 +1,181 @@
+"""Oracles for the Titans memory core (reference/titans_hmt.md §3.1), in float64."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lcjax.layers.neural_memory import memory_read, memory_scan, memory_scan_from, memory_scan_reference
+
+BATCH, HEADS, DIM = 2, 3, 4
+
+
+def make_inputs(seed, length, depth, *, hidden=6, batch=BATCH, heads=HEADS, dim=DIM):
+    keys = jax.random.split(jax.random.key(seed), 10)
+    widths = [dim] + [hidden] * (depth - 1) + [dim]
+    init = [0.5 * jax.random.normal(keys[i], (heads, widths[i], widths[i + 1])) for i in range(depth)]
+    shape = (batch, heads, length)
+    q, k, v = (jax.random.normal(keys[7 + i], (*shape, dim)) for i in range(3))
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    gates = jax.random.uniform(keys[5], (3, *shape), minval=0.05, maxval=0.95)
+    lr, momentum, decay = 0.4 * gates[0], gates[1], 0.2 * gates[2]
+    return init, q, k, v, lr, momentum, decay
+
+
+def sequential_paper_recurrence(init, q, k, v, lr, momentum, decay, *, reference_fixed=False):
+    """Eq. 13–15 token by token in plain Python: S_t = η S − θ ∇ℓ(M_(t−1)), M_t = (1−α) M + S_t, y_t = M_t(q_t).
+
+    With `reference_fixed`, every gradient is taken at M_0 instead (the chunk = T case).
+    """
+    batch, heads, length, _ = q.shape
+    ys = np.zeros(v.shape)
+    for b in range(batch):
+        for h in range(heads):
+            weights = [w[h] for w in init]
+            first = list(weights)
+            surprise = [jnp.zeros_like(w) for w in weights]
+            for t in range(length):
+                at = first if reference_fixed else weights
+                key, value = k[b, h, t][None], v[b, h, t]
+                grads = jax.grad(lambda ws, key=key, value=value: jnp.sum((memory_read(ws, key)[0] - value) ** 2))(at)
+                surprise = [momentum[b, h, t] * s - lr[b, h, t] * g for s, g in zip(surprise, grads, strict=True)]
+                weights = [(1 - decay[b, h, t]) * w + s for w, s in zip(weights, surprise, strict=True)]
+                ys[b, h, t] = memory_read(weights, q[b, h, t][None])[0]
+    return ys
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_chunked_equals_per_token_loop_for_every_chunk_size(x64, depth):
+    length = 13
+    args = make_inputs(0, length, depth)
+    momentum0 = [0.1 * jnp.ones_like(w) for w in args[0]]
+    outputs = {}
+    for chunk_size in (1, 2, 7, length):
+        y, (weights, surprise) = memory_scan(*args, chunk_size=chunk_size, initial_momentum=momentum0)
+        outputs[chunk_size] = y
+        y_ref, (weights_ref, surprise_ref) = memory_scan_reference(
+            *args, chunk_size=chunk_size, initial_momentum=momentum0
+        )
+        np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-11, err_msg=f"chunk {chunk_size}")
+        for got, want in zip(weights + surprise, weights_ref + surprise_ref, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-11, err_msg=f"chunk {chunk_size}")
+    # The chunk size is a real approximation, not a no-op: chunk 7 differs from chunk 1.
+    assert float(jnp.max(jnp.abs(outputs[1] - outputs[7]))) > 1e-3
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_chunk_one_is_the_sequential_recurrence_and_chunk_length_takes_all_gradients_at_m0(x64, depth):
+    length = 6
+    args = make_inputs(1, length, depth, batch=1, heads=2)
+    np.testing.assert_allclose(memory_scan(*args, chunk_size=1)[0], sequential_paper_recurrence(*args), atol=1e-11)
+    np.testing.assert_allclose(
+        memory_scan(*args, chunk_size=length)[0],
+        sequential_paper_recurrence(*args, reference_fixed=True),
+        atol=1e-11,
+    )
+
+
+@pytest.mark.parametrize("depth,traced_offset", [(1, False), (2, False), (2, True)])
+def test_streaming_in_ragged_pieces_equals_one_shot(x64, depth, traced_offset):
+    length, chunk_size = 13, 4
+    init, q, k, v, lr, momentum, decay = make_inputs(2, length, depth)
+    y_full, (weights_full, surprise_full) = memory_scan(init, q, k, v, lr, momentum, decay, chunk_size=chunk_size)
+    weights = [jnp.broadcast_to(w, (BATCH, *w.shape)) for w in init]
+    state = (weights, weights, [jnp.zeros_like(w) for w in weights])
+    scan = memory_scan_from
+    if traced_offset:  # as in decode, where the position in the chunk is part of the jitted cache
+        scan = jax.jit(memory_scan_from, static_argnames="chunk_size")
+    pieces, start = [], 0
+    for size in (3, 1, 5, 1, 3):  # one token at a time, across and inside chunk boundaries
+        piece = slice(start, start + size)
+        offset = jnp.asarray(start % chunk_size) if traced_offset else start % chunk_size
+        sequence = (x[:, :, piece] for x in (q, k, v, lr, momentum, decay))
+        y, state = scan(state, *sequence, chunk_size=chunk_size, offset=offset)
+        pieces.append(y)
+        start += size
+    np.testing.assert_allclose(jnp.concatenate(pieces, axis=2), y_full, atol=1e-12)
+    for got, want in zip(state[1] + state[2], weights_full + surprise_full, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-12)
+    # 13 = 3 chunks + 1 token: the open chunk's reference is the memory after token 12, not the final one.
+    _, (weights12, _) = memory_scan(
+        init, *(x[:, :, :12] for x in (q, k, v, lr, momentum, decay)), chunk_size=chunk_size
+    )
+    for got, want in zip(state[0], weights12, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+def test_causality_later_tokens_never_change_earlier_outputs(x64):
+    args = list(make_inputs(3, 11, depth=2))
+    y = memory_scan(*args, chunk_size=4)[0]
+    for index in range(1, 7):  # q, k, v, lr, momentum, decay after position 5 (inside the second chunk)
+        args[index] = args[index].at[:, :, 6:].add(0.7)
+    y_changed = memory_scan(*args, chunk_size=4)[0]
+    np.testing.assert_array_equal(y_changed[:, :, :6], y[:, :, :6])
+    assert float(jnp.max(jnp.abs(y_changed[:, :, 6:] - y[:, :, 6:]))) > 1e-3
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 5])
+def test_linear_memory_recalls_every_orthonormal_pair_exactly(x64, chunk_size):
+    pairs, dim = 5, 8
+    keys = jax.random.split(jax.random.key(4), 3)
+    basis = jnp.linalg.qr(jax.random.normal(keys[0], (dim, dim)))[0][:pairs]  # orthonormal rows
+    k = jnp.broadcast_to(basis, (1, 1, pairs, dim))
+    v = jax.random.normal(keys[1], (1, 1, pairs, dim))
+    init = [jax.random.normal(keys[2], (1, dim, dim))]
+    half, zero = jnp.full((1, 1, pairs), 0.5), jnp.zeros((1, 1, pairs))
+    _, (weights, _) = memory_scan(init, k, k, v, half, zero, zero, chunk_size=chunk_size)
+    np.testing.assert_allclose(memory_read(weights, k), v, atol=1e-12)
+
+
+def test_linear_memory_without_momentum_is_the_gated_delta_rule(x64):
+    init, q, k, v, lr, _, decay = make_inputs(5, 9, depth=1)
+    y, (weights, _) = memory_scan(init, q, k, v, lr, jnp.zeros_like(lr), decay, chunk_size=1)
+    w = np.broadcast_to(np.asarray(init[0]), (BATCH, HEADS, DIM, DIM)).copy()
+    for t in range(q.shape[2]):  # rank-1 updates: W_t = (1 − α) W − 2θ k_tᵀ (k_t W − v_t)
+        k_t, v_t = np.asarray(k[:, :, t]), np.asarray(v[:, :, t])
+        error = np.einsum("bhd,bhde->bhe", k_t, w) - v_t
+        w = (1 - np.asarray(decay[:, :, t]))[..., None, None] * w - 2 * np.asarray(lr[:, :, t])[
+            ..., None, None
+        ] * np.einsum("bhd,bhe->bhde", k_t, error)
+        np.testing.assert_allclose(y[:, :, t], np.einsum("bhd,bhde->bhe", np.asarray(q[:, :, t]), w), atol=1e-12)
+    np.testing.assert_allclose(weights[0], w, atol=1e-12)
+
+
+def test_batch_elements_and_heads_never_mix(x64):
+    init, q, k, v, lr, momentum, decay = make_inputs(6, 7, depth=2)
+    y = memory_scan(init, q, k, v, lr, momentum, decay, chunk_size=3)[0]
+    batch_perm, head_perm = jnp.array([1, 0]), jnp.array([2, 0, 1])
+
+    def permute(x):
+        return x[batch_perm][:, head_perm]
+
+    y_perm = memory_scan(
+        [w[head_perm] for w in init], *(permute(x) for x in (q, k, v, lr, momentum, decay)), chunk_size=3
+    )[0]
+    np.testing.assert_allclose(y_perm, permute(y), atol=1e-13)
+
+
+def test_gradients_of_the_chunked_form_equal_those_of_the_reference(x64):
+    init, *sequence = make_inputs(7, 8, depth=2)
+    probe = jax.random.normal(jax.random.key(8), (BATCH, HEADS, 8, DIM))
+
+    def objective(scan):
+        def loss(init, sequence):
+            y, (weights, surprise) = scan(init, *sequence, chunk_size=3)
+            return jnp.sum(y * probe) + sum(jnp.sum(jnp.sin(w)) for w in weights + surprise)
+
+        return jax.grad(loss, argnums=(0, 1))(init, sequence)
+
+    got, want = objective(memory_scan), objective(memory_scan_reference)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-10)
+
+
+def test_bad_shapes_name_what_was_expected():
+    init, q, k, v, lr, momentum, decay = make_inputs(9, 5, depth=1)
+    with pytest.raises(ValueError, match=r"lr has shape .* expected \[batch, heads, length\]"):
+        memory_scan(init, q, k, v, lr[..., :4], momentum, decay, chunk_size=2)
+    with pytest.raises(ValueError, match=r"init_weights\[0\] has shape"):
+        memory_scan([init[0][:2]], q, k, v, lr, momentum, decay, chunk_size=2)
+    with pytest.raises(ValueError, match="chunk_size=0 must be >= 1"):
+        memory_scan(init, q, k, v, lr, momentum, decay, chunk_size=0)
