@@ -32,9 +32,14 @@ so the weights of every position are never materialized: a `lax.scan` over chunk
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from lcjax.layers.params import normal, ones, param
+from lcjax.parallel.sharding import constrain
 
 Weights = list[jax.Array]
 
@@ -270,8 +275,8 @@ def _chunk(ref, weights, momentum_state, q, k, v, coeffs):
         z = a[..., None] * (g @ w) + b[..., None] * (g @ s) + scores @ delta
         g = jax.nn.silu(z) if layer < len(weights) - 1 else z
 
-    def outer(coeff, h, delta):
-        return jnp.einsum("bhi,bhid,bhie->bhde", coeff, h, delta)
+    def outer(coeff, h, delta):  # Σ_i coeff_i h_iᵀ δ_i
+        return jnp.swapaxes(coeff[..., None] * h, -1, -2) @ delta
 
     new_weights = [
         a[..., -1, None, None] * w + b[..., -1, None, None] * s + outer(gamma[..., -1, :], h, delta)
@@ -282,3 +287,133 @@ def _chunk(ref, weights, momentum_state, q, k, v, coeffs):
         for s, h, delta in zip(momentum_state, inputs, errors, strict=True)
     ]
     return g, new_weights, new_momentum
+
+
+class NeuralMemory(nnx.Module):
+    """The LMM sequence mixer (paper §4.4): projections, a short causal convolution, the memory, norm and gate.
+
+    For x `[batch, length, d_model]`, per memory head:
+      q, k, v = silu(conv(x W_q)), silu(conv(x W_k)), silu(conv(x W_v)), q and k ℓ2-normalized
+        (conv: causal depthwise over time, `conv_size` taps);
+      θ_t = max_lr · σ(x_t w_θ + b_θ), η_t = σ(x_t w_η + b_η), α_t = σ(x_t w_α + b_α)   (per token and head);
+      y = memory_scan(M_0, q, k, v, θ, η, α) with a learned initial memory M_0 per head;
+      out = (RMSNorm(y) ⊙ silu(x W_g)) W_o.
+    The memory recurrence runs in float32 whatever the compute dtype. It runs across packed-document boundaries
+    (only the convolution restarts at a new `segment_id`): train the memory on unpacked rows where that matters.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        num_heads: int,
+        head_dim: int,
+        depth: int,
+        expansion: int,
+        chunk_size: int,
+        conv_size: int,
+        max_lr: float,
+        init_std: float,
+        out_std: float,
+        rngs: nnx.Rngs,
+    ):
+        self.num_heads, self.head_dim, self.chunk_size, self.conv_size = num_heads, head_dim, chunk_size, conv_size
+        self.max_lr = max_lr
+        self.w_qkv = param(
+            rngs, (d_model, 3, num_heads, head_dim), ("embed", None, "heads", "head_dim"), normal(init_std)
+        )
+        self.conv = param(rngs, (conv_size, 3, num_heads, head_dim), (None, None, "heads", "head_dim"), _identity_tap)
+        self.w_gates = param(rngs, (d_model, 3, num_heads), ("embed", None, "heads"), normal(init_std))
+        # Initial θ = max_lr σ(−2) ≈ 0.12 max_lr, η = σ(2) ≈ 0.88, α = σ(−5) ≈ 0.007 (slow forgetting).
+        self.b_gates = param(rngs, (3, num_heads), (None, "heads"), _gate_bias((-2.0, 2.0, -5.0)))
+        widths = [head_dim] + [expansion * head_dim] * (depth - 1) + [head_dim]
+        # Hidden layers start small (std (d_in d_out)^-1/2) so the hidden activations that the last layer's
+        # gradient is an outer product of have norm O(1), not O(width): a chunk's step stays stable.
+        self.memory = nnx.List(
+            param(
+                rngs, (num_heads, d_in, d_out), ("heads", None, None), normal((d_in * (d_out if hidden else 1)) ** -0.5)
+            )
+            for hidden, d_in, d_out in zip(range(depth - 1, -1, -1), widths[:-1], widths[1:], strict=True)
+        )
+        self.out_scale = param(rngs, (head_dim,), ("head_dim",), ones)
+        self.w_gate = param(rngs, (d_model, num_heads, head_dim), ("embed", "heads", "head_dim"), normal(init_std))
+        self.w_out = param(rngs, (num_heads, head_dim, d_model), ("heads", "head_dim", "embed"), normal(out_std))
+
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """Parallel (chunked) form: x `[batch, length, d_model]` -> `[batch, length, d_model]`."""
+        state = self._initial_state(x.shape[0])
+        history = jnp.zeros((x.shape[0], self.conv_size - 1, 3, self.num_heads, self.head_dim), x.dtype)
+        y, _ = self._run(x, history, state, 0, segment_ids)
+        return y
+
+    def init_cache(self, batch_size: int) -> dict[str, Any]:
+        """Streaming state: the last conv inputs, (W_ref, M, S) per memory layer, and the position in the chunk.
+
+        Leading axes of the parameters (a `layers` axis when the layer sits in a `LayerStack`) lead here too."""
+        lead = self.memory[0].shape[:-3]
+        ref, weights, momentum = self._initial_state(batch_size)
+        history = jnp.zeros((*lead, batch_size, self.conv_size - 1, 3, self.num_heads, self.head_dim), jnp.float32)
+        offset = jnp.zeros(lead, jnp.int32)
+        return {"conv": history, "ref": ref, "weights": weights, "momentum": momentum, "offset": offset}
+
+    def step(self, x: jax.Array, cache: dict[str, Any]) -> tuple[jax.Array, dict[str, Any]]:
+        """Recurrent form: consumes x `[batch, n, d_model]` (n >= 1) after the cached tokens."""
+        state = (cache["ref"], cache["weights"], cache["momentum"])
+        y, (history, (ref, weights, momentum)) = self._run(x, cache["conv"].astype(x.dtype), state, cache["offset"])
+        offset = (cache["offset"] + x.shape[1]) % self.chunk_size
+        new = {"conv": history.astype(cache["conv"].dtype), "ref": ref, "weights": weights, "momentum": momentum}
+        return y, {**new, "offset": offset}
+
+    def _initial_state(self, batch_size):
+        """M_0 for every batch element: `[..., batch, heads, d_in, d_out]` per memory layer."""
+        weights = [
+            jnp.broadcast_to(jnp.expand_dims(w[...], -4), (*w.shape[:-3], batch_size, *w.shape[-3:]))
+            for w in self.memory
+        ]
+        return weights, weights, [jnp.zeros_like(w) for w in weights]
+
+    def _run(self, x, history, state, offset, segment_ids=None):
+        projected = jnp.einsum("btd,dshe->btshe", x, self.w_qkv[...].astype(x.dtype))
+        padded = jnp.concatenate([history, projected], axis=1)
+        kernel = self.conv[...].astype(x.dtype)
+        length, taps = x.shape[1], self.conv_size
+        if segment_ids is not None:  # a tap reaching into the previous document reads zero
+            seg = jnp.pad(segment_ids, ((0, 0), (taps - 1, 0)), constant_values=-1)
+        mixed = 0
+        for tap in range(taps):
+            window = padded[:, tap : tap + length]
+            if segment_ids is not None:
+                window = jnp.where((seg[:, tap : tap + length] == segment_ids)[..., None, None, None], window, 0)
+            mixed = mixed + kernel[tap] * window
+        q, k, v = (jax.nn.silu(mixed[:, :, i].astype(jnp.float32)) for i in range(3))
+        q, k = (z * jax.lax.rsqrt(jnp.sum(z * z, axis=-1, keepdims=True) + 1e-6) for z in (q, k))
+        gates = jnp.einsum("btd,dsh->bsht", x.astype(jnp.float32), self.w_gates[...]) + self.b_gates[...][..., None]
+        lr, momentum, decay = (
+            self.max_lr * jax.nn.sigmoid(gates[:, 0]),
+            jax.nn.sigmoid(gates[:, 1]),
+            jax.nn.sigmoid(gates[:, 2]),
+        )
+        heads_first = [jnp.swapaxes(z, 1, 2) for z in (q, k, v)]  # [batch, heads, length, head_dim]
+        y, new_state = memory_scan_from(
+            state, *heads_first, lr, momentum, decay, chunk_size=self.chunk_size, offset=offset
+        )
+        y = jnp.swapaxes(y, 1, 2)  # [batch, length, heads, head_dim]
+        y = y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + 1e-6) * self.out_scale[...]
+        y = constrain(y.astype(x.dtype), ("batch", "length", "heads", "head_dim"))
+        gate = jax.nn.silu(jnp.einsum("btd,dhe->bthe", x, self.w_gate[...].astype(x.dtype)))
+        out = jnp.einsum("bthe,hed->btd", y * gate, self.w_out[...].astype(x.dtype))
+        return out, (padded[:, padded.shape[1] - (taps - 1) :], new_state)
+
+
+def _identity_tap(key, shape, dtype):
+    """Conv kernel that starts as the identity (all weight on the current token)."""
+    del key
+    return jnp.zeros(shape, dtype).at[-1].set(1.0)
+
+
+def _gate_bias(values):
+    def init(key, shape, dtype):
+        del key
+        return jnp.broadcast_to(jnp.asarray(values, dtype)[:, None], shape)
+
+    return init

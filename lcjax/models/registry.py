@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from lcjax.models import transformer
+from lcjax.models import titans, transformer
 
 _MODELS = {
+    "titans": (titans.TitansConfig, titans.Titans),
     "transformer": (transformer.TransformerConfig, transformer.Transformer),
 }
 

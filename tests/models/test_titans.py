@@ -1,0 +1,165 @@
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lcjax import models
+from lcjax.config import from_dict
+from lcjax.errors import ConfigError
+from lcjax.layers.params import logical_axes
+from lcjax.parallel.mesh import make_mesh
+from lcjax.train.step import Trainer
+from tests.conftest import run_main
+
+SMALL = {
+    "name": "titans",
+    "vocab_size": 64,
+    "d_model": 32,
+    "num_layers": 2,
+    "mlp_dim": 64,
+    "memory_heads": 2,
+    "chunk_size": 4,
+    "num_persistent": 2,
+}
+
+
+def _config(model=None, **sections):
+    return from_dict({"model": {**SMALL, **(model or {})}, **sections})
+
+
+def _model(**overrides):
+    return models.build(_config(overrides), nnx.Rngs(0))
+
+
+def _tokens(shape, seed=1):
+    return jax.random.randint(jax.random.key(seed), shape, 0, 64)
+
+
+@pytest.mark.parametrize(
+    "overrides,pieces",
+    [({}, [1] * 11), ({}, [3, 1, 5, 2]), ({"memory_depth": 2}, [6, 5]), ({"num_persistent": 0}, [11])],
+)
+def test_decode_matches_parallel(overrides, pieces):
+    model = _model(**overrides)
+    tokens = _tokens((2, 11))
+    logits, aux = model({"inputs": tokens})
+    assert logits.shape == (2, 11, 64) and aux == {}
+    decode = nnx.jit(lambda model, tokens, cache: model.decode(tokens, cache))  # one compile per piece length
+    cache, outputs, start = model.init_cache(2), [], 0
+    for n in pieces:
+        out, cache = decode(model, tokens[:, start : start + n], cache)
+        outputs.append(out)
+        start += n
+    np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), logits, atol=2e-5, rtol=0)
+
+
+def test_causal_and_the_memory_carries_context():
+    model = _model()
+    a = _tokens((1, 12))
+    b = a.at[:, 6:].set((a[:, 6:] + 1) % 64)
+    la, lb = model({"inputs": a})[0], model({"inputs": b})[0]
+    np.testing.assert_array_equal(la[:, :6], lb[:, :6])
+    # A different past changes the prediction at a later identical token (through the memory, not attention).
+    c = a.at[:, :3].set((a[:, :3] + 5) % 64)
+    assert float(jnp.max(jnp.abs(model({"inputs": c})[0][:, 11] - la[:, 11]))) > 1e-4
+
+
+def test_unrolled_equals_scanned():
+    tokens = _tokens((2, 9))
+    scanned, unrolled = _model(), _model(scan_layers=False)
+    np.testing.assert_allclose(scanned({"inputs": tokens})[0], unrolled({"inputs": tokens})[0], atol=1e-5, rtol=0)
+
+
+def test_train_step_on_data_2_tensor_2_equals_one_device():
+    config = _config(train={"batch_size": 4, "seq_len": 12, "warmup_steps": 0, "learning_rate": 1e-2})
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 64, (4, 13)).astype(np.int32)
+    batch = {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": np.repeat([[1] * 7 + [2] * 5], 4, 0).astype(np.int32),
+        "positions": np.repeat([list(range(7)) + list(range(5))], 4, 0).astype(np.int32),
+        "loss_mask": np.ones((4, 12), np.float32),
+    }
+
+    def step_on(mesh):
+        trainer = Trainer.create(config, mesh)
+        state, metrics = trainer.jit_train_step()(trainer.init_state(seed=0), trainer.device_batch(batch))
+        return float(metrics["loss"]), state["params"]
+
+    loss_1, params_1 = step_on(make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1}, devices=jax.devices()[:1]))
+    loss_4, params_4 = step_on(make_mesh({"data": 2, "fsdp": 1, "tensor": 2, "sequence": 1}, devices=jax.devices()[:4]))
+    assert abs(loss_1 - loss_4) < 1e-5
+    for a, b in zip(jax.tree.leaves(jax.device_get(params_1)), jax.tree.leaves(jax.device_get(params_4)), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    w_qkv = params_4["layers"]["blocks"]["mixer"]["w_qkv"]
+    assert w_qkv.sharding.spec[3] == "tensor"  # memory heads are split over `tensor`
+
+
+def test_parameter_names_and_axes_are_pinned():
+    """Parameter paths, shapes and logical axes are the checkpoint format: changing them is a breaking change."""
+    model = _model(memory_depth=2, memory_expansion=2)
+    shapes = jax.tree.map(lambda a: a.shape, nnx.to_pure_dict(nnx.state(model)))
+    assert shapes == {
+        "embed": (64, 32),
+        "persistent": (2, 32),
+        "final_norm": {"scale": (32,)},
+        "layers": {
+            "blocks": {
+                "mixer": {
+                    "w_qkv": (2, 32, 3, 2, 16),
+                    "conv": (2, 4, 3, 2, 16),
+                    "w_gates": (2, 32, 3, 2),
+                    "b_gates": (2, 3, 2),
+                    "memory": {0: (2, 2, 16, 32), 1: (2, 2, 32, 16)},
+                    "out_scale": (2, 16),
+                    "w_gate": (2, 32, 2, 16),
+                    "w_out": (2, 2, 16, 32),
+                },
+                "mixer_norm": {"scale": (2, 32)},
+                "mlp": {"w_gate": (2, 32, 64), "w_up": (2, 32, 64), "w_down": (2, 64, 32)},
+                "mlp_norm": {"scale": (2, 32)},
+            }
+        },
+    }
+    axes = logical_axes(model)["layers"]["blocks"]["mixer"]
+    assert axes["memory"][0] == ("layers", "heads", None, None)
+    assert axes["w_qkv"] == ("layers", "embed", None, "heads", "head_dim")
+
+
+@pytest.mark.parametrize(
+    "model,mesh,field",
+    [
+        ({"variant": "mac-lite"}, {}, "model.variant"),
+        ({"chunk_size": 0}, {}, "model.chunk_size"),
+        ({"memory_heads": 3}, {}, "model.memory_heads"),
+        ({}, {"sequence": 2, "data": -1}, "mesh.sequence"),
+    ],
+)
+def test_bad_configs_name_the_field(model, mesh, field):
+    with pytest.raises(ConfigError) as error:
+        _config(model, mesh=mesh).validate(jax.device_count())
+    assert error.value.field == field
+
+
+def test_lmm_tiny_trains_through_main(tmp_path):
+    result = run_main(
+        "--config=configs/titans.py:lmm-tiny",
+        f"--workdir={tmp_path}",
+        "--config.train.steps=40",
+        "--config.train.batch_size=8",
+        "--config.train.seq_len=64",
+        "--config.train.log_every=5",
+        "--config.train.eval_every=40",
+        "--config.train.warmup_steps=5",
+        "--config.eval.num_batches=2",
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "metrics.jsonl") as f:
+        train = [r for r in map(json.loads, f) if r["split"] == "train"]
+    losses = [r["loss"] for r in train]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 2.0, losses
