@@ -8,6 +8,25 @@ from ml_collections import config_dict
 
 from lcjax.config import SECTIONS
 
+# Training settings shared by the families' presets of the same size.
+TINY_TRAIN = {
+    "steps": 500,
+    "batch_size": 16,
+    "seq_len": 256,
+    "log_every": 25,
+    "eval_every": 250,
+    "warmup_steps": 50,
+    "learning_rate": 4e-3,
+}
+SMALL_TRAIN = {
+    "steps": 20000,
+    "batch_size": 64,
+    "seq_len": 1024,
+    "learning_rate": 1e-3,
+    "warmup_steps": 1000,
+    "compute_dtype": "bfloat16",
+}
+
 
 def get_config() -> config_dict.ConfigDict:
     c = config_dict.ConfigDict()

@@ -13,28 +13,10 @@ import base  # noqa: E402
 
 from lcjax.models.titans import TitansConfig  # noqa: E402
 
-_TINY_TRAIN = {
-    "steps": 500,
-    "batch_size": 16,
-    "seq_len": 256,
-    "log_every": 25,
-    "eval_every": 250,
-    "warmup_steps": 50,
-    "learning_rate": 4e-3,
-}
-_SMALL_TRAIN = {
-    "steps": 20000,
-    "batch_size": 64,
-    "seq_len": 1024,
-    "learning_rate": 1e-3,
-    "warmup_steps": 1000,
-    "compute_dtype": "bfloat16",
-}
-
 PRESETS = {
     "lmm-tiny": {
         "model": {"variant": "lmm", "num_layers": 2, "memory_heads": 4, "chunk_size": 16},
-        "train": _TINY_TRAIN,
+        "train": base.TINY_TRAIN,
         "checkpoint": {"every": 250},
     },
     "lmm-small": {
@@ -47,7 +29,7 @@ PRESETS = {
             "chunk_size": 64,
             "num_persistent": 16,
         },
-        "train": _SMALL_TRAIN,
+        "train": base.SMALL_TRAIN,
         "checkpoint": {"every": 1000},
     },
 }

@@ -14,27 +14,12 @@ from lcjax.models.transformer import TransformerConfig  # noqa: E402
 PRESETS = {
     "tiny": {
         "model": {},
-        "train": {
-            "steps": 500,
-            "batch_size": 16,
-            "seq_len": 256,
-            "log_every": 25,
-            "eval_every": 250,
-            "warmup_steps": 50,
-            "learning_rate": 4e-3,
-        },
+        "train": base.TINY_TRAIN,
         "checkpoint": {"every": 250},
     },
     "small": {
         "model": {"d_model": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 4, "mlp_dim": 1408},
-        "train": {
-            "steps": 20000,
-            "batch_size": 64,
-            "seq_len": 1024,
-            "learning_rate": 1e-3,
-            "warmup_steps": 1000,
-            "compute_dtype": "bfloat16",
-        },
+        "train": base.SMALL_TRAIN,
         "checkpoint": {"every": 1000},
     },
     "350m": {

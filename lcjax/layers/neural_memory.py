@@ -31,6 +31,7 @@ so the weights of every position are never materialized: a `lax.scan` over chunk
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,6 +50,7 @@ def memory_read(weights: Sequence[jax.Array], x: jax.Array) -> jax.Array:
     return _layers(weights, x)[1][-1]
 
 
+@functools.partial(jax.jit, static_argnames="chunk_size")
 def memory_scan(
     init_weights: Sequence[jax.Array],
     q: jax.Array,
@@ -155,6 +157,7 @@ def _select(predicate, on_true, on_false):
     return jax.tree.map(lambda a, b: jnp.where(predicate, a, b), on_true, on_false)
 
 
+@functools.partial(jax.jit, static_argnames="chunk_size")
 def memory_scan_reference(
     init_weights: Sequence[jax.Array],
     q: jax.Array,

@@ -82,9 +82,8 @@ def test_streaming_in_ragged_pieces_equals_one_shot(x64, depth, traced_offset):
     y_full, (weights_full, surprise_full) = memory_scan(init, q, k, v, lr, momentum, decay, chunk_size=chunk_size)
     weights = [jnp.broadcast_to(w, (BATCH, *w.shape)) for w in init]
     state = (weights, weights, [jnp.zeros_like(w) for w in weights])
-    scan = memory_scan_from
-    if traced_offset:  # as in decode, where the position in the chunk is part of the jitted cache
-        scan = jax.jit(memory_scan_from, static_argnames="chunk_size")
+    # A traced offset is what decode does (the position in the chunk is part of the jitted cache).
+    scan = jax.jit(memory_scan_from, static_argnames=("chunk_size",) if traced_offset else ("chunk_size", "offset"))
     pieces, start = [], 0
     for size in (3, 1, 5, 1, 3):  # one token at a time, across and inside chunk boundaries
         piece = slice(start, start + size)
