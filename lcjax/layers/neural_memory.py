@@ -368,9 +368,12 @@ class NeuralMemory(nnx.Module):
         return y, {**new, "offset": offset}
 
     def _initial_state(self, batch_size):
-        """M_0 for every batch element: `[..., batch, heads, d_in, d_out]` per memory layer."""
+        """M_0 for every batch element: `[..., batch, heads, d_in, d_out]` per memory layer, float32 (the memory's
+        dtype even when the trainer casts parameters to bfloat16 for compute)."""
         weights = [
-            jnp.broadcast_to(jnp.expand_dims(w[...], -4), (*w.shape[:-3], batch_size, *w.shape[-3:]))
+            jnp.broadcast_to(
+                jnp.expand_dims(w[...].astype(jnp.float32), -4), (*w.shape[:-3], batch_size, *w.shape[-3:])
+            )
             for w in self.memory
         ]
         return weights, weights, [jnp.zeros_like(w) for w in weights]

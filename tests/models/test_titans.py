@@ -76,6 +76,17 @@ def test_unrolled_equals_scanned():
     np.testing.assert_allclose(_forward(scanned, tokens), _forward(unrolled, tokens), atol=1e-5, rtol=0)
 
 
+def test_bfloat16_parameters_keep_the_memory_in_float32():
+    """The trainer casts parameters to bf16 for compute (`train.compute_dtype`); the memory state stays f32."""
+    model = _model()
+    graphdef, state = nnx.split(model)
+    bf16 = nnx.merge(graphdef, jax.tree.map(lambda a: a.astype(jnp.bfloat16), state))
+    tokens = _tokens((2, 9))
+    logits_bf16 = _forward(bf16, tokens)
+    assert bool(jnp.all(jnp.isfinite(logits_bf16)))
+    np.testing.assert_allclose(logits_bf16.astype(jnp.float32), _forward(model, tokens), atol=0.15, rtol=0)
+
+
 def test_train_step_on_data_2_tensor_2_equals_one_device():
     config = _config(train={"batch_size": 4, "seq_len": 12, "warmup_steps": 0, "learning_rate": 1e-2})
     rng = np.random.default_rng(0)
