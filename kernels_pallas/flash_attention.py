@@ -38,10 +38,12 @@ class BlockSizes:
     block_k_bwd: int
 
     @classmethod
-    def default(cls, target: str) -> BlockSizes:
+    def default(cls, target: str, head_dim: int = 64) -> BlockSizes:
         if target == "tpu":  # multiples of 128 (lane width): legal Mosaic blocks for every length after padding
             return cls(block_q=512, block_k=512, block_q_bwd=256, block_k_bwd=512)
-        return cls(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64)
+        if 64 < head_dim <= 128:  # measured on H100 (docs/benchmarks.md): fwd+bwd 1.3-1.6x the 64-row backward blocks
+            return cls(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128)
+        return cls(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64)  # head_dim <= 64: best measured on H100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +117,8 @@ def flash_attention(
     keys with i - j < w (causal) or |i - j| < w. softcap=c: logits become c · tanh(logits / c). scale: logit scale,
     head_dim ** -0.5 when None. impl: "auto" | "pallas" | "interpret" | "reference" (`kernels_pallas.common`).
     target: the Pallas kernel family, "tpu" or "gpu" (default: this backend's; "tpu" on CPU). block_sizes: kernel
-    blocks (default `BlockSizes.default(target)`). An input the kernels do not support falls back to the reference
-    and says so once in the log.
+    blocks (default `BlockSizes.default(target, head_dim)`). An input the kernels do not support falls back to the
+    reference and says so once in the log.
     """
     _check_inputs(q, k, v, causal, segment_ids, sliding_window, softcap)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -141,7 +143,7 @@ def flash_attention(
             scale=scale,
             target=target,
             interpret=mode == "interpret",
-            blocks=block_sizes or BlockSizes.default(target),
+            blocks=block_sizes or BlockSizes.default(target, q.shape[-1]),
         )
         out, lse = _flash(q, k, v, segment_ids, call)
     return (out, lse) if return_lse else out

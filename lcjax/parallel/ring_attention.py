@@ -178,7 +178,7 @@ def _merge(a, b):
     return m, a1 * l1 + a2 * l2, rows(a1) * o1 + rows(a2) * o2
 
 
-def _kernel_call(causal: bool, scale: float):
+def _kernel_call(causal: bool, scale: float, head_dim: int):
     """The flash kernel's static call for one ring block: this backend's kernel family (interpret mode on CPU)."""
     platform = kernel_common.backend()
     target = "gpu" if platform == "gpu" else "tpu"
@@ -189,7 +189,7 @@ def _kernel_call(causal: bool, scale: float):
         scale=scale,
         target=target,
         interpret=platform not in ("tpu", "gpu"),
-        blocks=flash.BlockSizes.default(target),
+        blocks=flash.BlockSizes.default(target, head_dim),
     )
 
 
@@ -199,9 +199,9 @@ def _kernel_stats(q, k, v, q_slots, k_slots, q_seg, k_seg, *, causal, scale):
     merge, since every row sees itself at the first step."""
     del q_slots, k_slots
     batch, cq, kv_heads, groups, head_dim = q.shape
-    module = flash._backend(_kernel_call(causal, scale).target)
-    out, lse = module.forward(
-        q.reshape(batch, cq, kv_heads * groups, head_dim), k, v, (q_seg, k_seg), _kernel_call(causal, scale)
+    call = _kernel_call(causal, scale, head_dim)
+    out, lse = flash._backend(call.target).forward(
+        q.reshape(batch, cq, kv_heads * groups, head_dim), k, v, (q_seg, k_seg), call
     )
     m = lse.reshape(batch, kv_heads, groups, cq)
     return m, jnp.ones_like(m), out.reshape(q.shape).astype(jnp.float32)
@@ -212,7 +212,7 @@ def _kernel_grads(q, k, v, do, lse, delta, q_slots, k_slots, q_seg, k_seg, *, ca
     del q_slots, k_slots
     batch, cq, kv_heads, groups, head_dim = q.shape
     heads = kv_heads * groups
-    call = _kernel_call(causal, scale)
+    call = _kernel_call(causal, scale, head_dim)
     dq, dk, dv = flash._backend(call.target).backward(
         q.reshape(batch, cq, heads, head_dim),
         k,

@@ -70,6 +70,21 @@ def test_interpret_matches_reference_f32(case, target):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=name)
 
 
+def test_gpu_default_blocks_by_head_dim_match_reference():
+    """The GPU defaults (128-row backward blocks for 64 < head_dim <= 128, tuned on H100) in interpret mode."""
+    assert BlockSizes.default("gpu", 128) == BlockSizes(128, 128, 128, 128)
+    assert BlockSizes.default("gpu", 64) == BlockSizes(128, 64, 64, 64)
+    assert BlockSizes.default("gpu", 256) == BlockSizes(128, 64, 64, 64)
+    q, k, v, seg, probe = _inputs(1, 160, 1, 1, 128, segments=True)
+    kernel = lambda q, k, v: flash_attention(
+        q, k, v, causal=True, segment_ids=seg, return_lse=True, impl="interpret", target="gpu"
+    )
+    ref = lambda q, k, v: reference(q, k, v, causal=True, segment_ids=seg)
+    got, want = _outputs_and_grads(kernel, q, k, v, probe), _outputs_and_grads(ref, q, k, v, probe)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=name)
+
+
 @pytest.mark.parametrize("target", ["tpu", "gpu"])
 @pytest.mark.parametrize("case", ["causal-gqa4-segments", "causal-softcap-gqa2"])
 def test_interpret_bfloat16_within_2e_2_of_f32_reference(case, target):
