@@ -1,8 +1,9 @@
-"""Titans (neural long-term memory). Presets: lmm-tiny (one CPU, minutes), lmm-small.
+"""Titans (neural long-term memory). Presets: lmm-tiny, mag-tiny, mal-tiny (one CPU, minutes) and their -small
+versions. mag: memory as a gate beside sliding-window attention; mal: memory layer, then sliding-window attention.
 
 python main.py --config=configs/titans.py:lmm-tiny --workdir=runs/lmm-tiny
 
-MAC, MAG and MAL presets arrive with those variants.
+The MAC presets arrive with that variant.
 """
 
 import os
@@ -33,6 +34,18 @@ PRESETS = {
         "checkpoint": {"every": 1000},
     },
 }
+
+_TINY_ATTENTION = {"window": 64, "num_heads": 4, "num_kv_heads": 2}
+_SMALL_ATTENTION = {"window": 512, "num_heads": 8, "num_kv_heads": 4}
+for _variant in ("mag", "mal"):
+    PRESETS[f"{_variant}-tiny"] = {
+        **PRESETS["lmm-tiny"],
+        "model": {**PRESETS["lmm-tiny"]["model"], **_TINY_ATTENTION, "variant": _variant},
+    }
+    PRESETS[f"{_variant}-small"] = {
+        **PRESETS["lmm-small"],
+        "model": {**PRESETS["lmm-small"]["model"], **_SMALL_ATTENTION, "variant": _variant},
+    }
 
 
 def get_config(preset: str = "lmm-tiny"):

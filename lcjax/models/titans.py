@@ -1,12 +1,21 @@
 """Titans (arXiv 2501.00663): language models around the neural long-term memory of `lcjax.layers.neural_memory`.
 
-Variants (`model.variant`):
-  lmm  "Titans (LMM)": x_0 = P ‖ E[tokens] with N_p learned persistent tokens P (Eq. 19);
-       x <- x + LMM(RMSNorm(x));  x <- x + MLP(RMSNorm(x));  logits = RMSNorm(x) E^T on the token positions.
-MAC, MAG and MAL (attention around the memory) are the next step of the Titans issue.
+Every variant starts from x_0 = P ‖ E[tokens] with N_p learned persistent tokens P (Eq. 19), ends with
+logits = RMSNorm(x) E^T on the token positions, and has an MLP sublayer x <- x + MLP(RMSNorm(x)) in each block.
+The mixing sublayer, by `model.variant`:
+  lmm  "Titans (LMM)": x <- x + LMM(RMSNorm(x)).
+  mag  memory as a gate (Fig. 3b): h = RMSNorm(x), y = SWA(h), m = LMM(h),
+       x <- x + (RMSNorm_y(y) ⊙ σ(RMSNorm_m(m))) W_g   (the paper's "normalize with learnable vector-valued weights,
+       then a non-linearity"; the output projection W_g keeps the residual branch small at init).
+  mal  memory as a layer: x <- x + LMM(RMSNorm(x));  x <- x + SWA(RMSNorm(x)).
+SWA is causal sliding-window attention (RoPE on the slot index, grouped-query heads) in which a token sees the
+`model.window` latest slots of its own document and the persistent prefix at any distance (Fig. 3b). It is the
+jnp (xla) core with an explicit mask, whatever `attention.impl` says. MAC (segments, memory as context) is not
+built yet.
 
-The recurrent form (`init_cache`/`decode`) carries each layer's memory state; `init_cache` already holds the
-persistent tokens, so decoding a sequence in any pieces gives the logits of the parallel form.
+The recurrent form (`init_cache`/`decode`) carries each layer's memory state (and for mag/mal its key/value
+cache, sized N_p + max_len); `init_cache` already holds the persistent tokens, so decoding a sequence in any pieces
+gives the logits of the parallel form.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lcjax.errors import ConfigError
+from lcjax.layers.attention import AttentionConfig, SelfAttention, dot_product_attention
 from lcjax.layers.mlp import SwiGLU
 from lcjax.layers.neural_memory import NeuralMemory
 from lcjax.layers.norms import RMSNorm
@@ -27,7 +37,8 @@ from lcjax.layers.params import normal, param
 from lcjax.layers.stack import REMAT_POLICIES, LayerStack
 from lcjax.parallel.sharding import constrain
 
-VARIANTS = ("lmm",)
+VARIANTS = ("lmm", "mag", "mal")
+ATTENTION_VARIANTS = ("mag", "mal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +61,11 @@ class TitansConfig:
     # the chunk start, e.g. a run of spaces) cannot overshoot: 2θ * chunk_size <= 2. Larger values diverge on text.
     memory_max_lr: float = 0.0
     num_persistent: int = 4  # learned persistent-memory tokens prepended to every sequence
+    # mag/mal sliding-window attention: the `window` latest slots of the document, plus the persistent prefix
+    window: int = 64
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
     embed_init_std: float = 1.0
@@ -71,9 +87,23 @@ class TitansConfig:
         for name in ("vocab_size", "d_model", "num_layers", "mlp_dim", "memory_heads", "memory_depth"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name}", f"must be > 0, got {getattr(self, name)}")
-        for name in ("memory_expansion", "chunk_size", "conv_size"):
+        for name in ("memory_expansion", "chunk_size", "conv_size", "window", "num_heads", "num_kv_heads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name}", f"must be > 0, got {getattr(self, name)}")
+        if self.variant in ATTENTION_VARIANTS:
+            if self.num_heads % self.num_kv_heads:
+                raise ConfigError(
+                    "model.num_kv_heads", f"={self.num_kv_heads} must divide model.num_heads={self.num_heads}"
+                )
+            if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
+                raise ConfigError(
+                    "model.num_heads", f"={self.num_heads} must divide model.d_model={self.d_model} into even heads"
+                )
+            for name in ("num_heads", "num_kv_heads"):
+                if getattr(self, name) % mesh["tensor"]:
+                    raise ConfigError(
+                        f"model.{name}", f"={getattr(self, name)} must be divisible by mesh.tensor={mesh['tensor']}"
+                    )
         if self.num_persistent < 0:
             raise ConfigError("model.num_persistent", f"must be >= 0, got {self.num_persistent}")
         if not self.memory_head_dim and self.d_model % self.memory_heads:
@@ -99,20 +129,74 @@ class TitansConfig:
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (an estimate): 6 * matmul params, plus per layer and head the memory's
         gradient at the chunk start, its update and its read (~8 |W|) and the dual-form chunk mixing
-        (~4 * chunk_size * sum of widths), times 3 for forward + backward."""
-        del seq_len
+        (~4 * chunk_size * sum of widths), times 3 for forward + backward; mag/mal add the windowed attention."""
         hd, heads = self.resolved_head_dim, self.memory_heads
         widths = self.memory_widths()
         memory_size = sum(a * b for a, b in zip(widths[:-1], widths[1:], strict=True))
         mixer = self.d_model * heads * hd * 5 + self.d_model * heads * 3
         matmul_params = self.num_layers * (mixer + 3 * self.d_model * self.mlp_dim) + self.d_model * self.vocab_size
         memory = self.num_layers * heads * (8 * memory_size + 4 * self.chunk_size * sum(widths))
-        return 6 * matmul_params + 3 * memory
+        attention = 0
+        if self.variant in ATTENTION_VARIANTS:
+            head_dim = self.d_model // self.num_heads
+            matmul_params += self.num_layers * self.d_model * head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+            if self.variant == "mag":
+                matmul_params += self.num_layers * self.d_model * self.d_model
+            seen = min(self.window, seq_len) + self.num_persistent  # keys per query (at most)
+            attention = self.num_layers * 4 * self.num_heads * head_dim * seen
+        return 6 * matmul_params + 3 * memory + 3 * attention
+
+
+def window_mask(q_slots, k_slots, q_segments, k_segments, *, window: int, prefix: int) -> jax.Array:
+    """[B, Tq, Tk] bool: key slot j visible to query slot i iff j <= i and either j is one of the `prefix`
+    persistent slots, or i - j < window within the same document."""
+    causal = k_slots[:, None, :] <= q_slots[:, :, None]
+    near = q_slots[:, :, None] - k_slots[:, None, :] < window
+    if q_segments is not None:
+        near &= q_segments[:, :, None] == k_segments[:, None, :]
+    return causal & (near | (k_slots[:, None, :] < prefix))
+
+
+class WindowAttention(SelfAttention):
+    """Sliding-window attention with an always-visible persistent prefix (parameters as `SelfAttention`)."""
+
+    def __init__(self, cfg: TitansConfig, *, out_std: float, rngs: nnx.Rngs):
+        head_dim = cfg.d_model // cfg.num_heads
+        super().__init__(
+            cfg.d_model,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            head_dim,
+            rope_theta=cfg.rope_theta,
+            config=AttentionConfig(),
+            init_std=cfg.init_std,
+            out_std=out_std,
+            rngs=rngs,
+        )
+        self.window = cfg.window
+        self.prefix = cfg.num_persistent
+
+    def __call__(self, x, positions, segment_ids):
+        q, k, v = self._project(x, positions)
+        mask = window_mask(positions, positions, segment_ids, segment_ids, window=self.window, prefix=self.prefix)
+        return self._output(dot_product_attention(q, k, v, mask, scale=self.head_dim**-0.5))
+
+    def step(self, x, positions, cache, index):
+        q, k, v = self._project(x, positions)
+        k_cache = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
+        k_slots = jnp.broadcast_to(jnp.arange(k_cache.shape[1]), (x.shape[0], k_cache.shape[1]))
+        mask = window_mask(positions, k_slots, None, None, window=self.window, prefix=self.prefix)
+        out = dot_product_attention(
+            q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask, scale=self.head_dim**-0.5
+        )
+        return self._output(out), {"k": k_cache, "v": v_cache}
 
 
 class Block(nnx.Module):
     def __init__(self, cfg: TitansConfig, *, rngs: nnx.Rngs):
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        self.variant = cfg.variant
         self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
         self.mixer = NeuralMemory(
             cfg.d_model,
@@ -127,23 +211,55 @@ class Block(nnx.Module):
             out_std=out_std,
             rngs=rngs,
         )
+        if cfg.variant in ATTENTION_VARIANTS:
+            self.attn = WindowAttention(cfg, out_std=out_std, rngs=rngs)
+        if cfg.variant == "mal":
+            self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        if cfg.variant == "mag":
+            self.gate_norm_attn = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+            self.gate_norm_memory = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+            self.gate_out = param(rngs, (cfg.d_model, cfg.d_model), ("mlp", "embed"), normal(out_std))
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, init_std=cfg.init_std, out_std=out_std, rngs=rngs)
 
-    def __call__(self, x, cache, *, segment_ids=None):
-        h = self.mixer_norm(x)
+    def _memory(self, h, cache, segment_ids):
         if cache is None:
-            h = self.mixer(h, segment_ids)
-        else:
-            h, cache = self.mixer.step(h, cache)
-        x = x + h
+            return self.mixer(h, segment_ids), None
+        return self.mixer.step(h, cache)
+
+    def _attention(self, h, cache, positions, segment_ids, index):
+        if cache is None:
+            return self.attn(h, positions, segment_ids), None
+        return self.attn.step(h, positions, cache, index)
+
+    def __call__(self, x, cache, *, segment_ids=None, positions=None, index=None):
+        if self.variant == "lmm":
+            h, cache = self._memory(self.mixer_norm(x), cache, segment_ids)
+            x = x + h
+        elif self.variant == "mal":
+            memory_cache = None if cache is None else cache["memory"]
+            attn_cache = None if cache is None else cache["attn"]
+            h, memory_cache = self._memory(self.mixer_norm(x), memory_cache, segment_ids)
+            x = x + h
+            h, attn_cache = self._attention(self.attn_norm(x), attn_cache, positions, segment_ids, index)
+            x = x + h
+            cache = None if cache is None else {"memory": memory_cache, "attn": attn_cache}
+        else:  # mag
+            memory_cache = None if cache is None else cache["memory"]
+            attn_cache = None if cache is None else cache["attn"]
+            h = self.mixer_norm(x)
+            m, memory_cache = self._memory(h, memory_cache, segment_ids)
+            y, attn_cache = self._attention(h, attn_cache, positions, segment_ids, index)
+            gated = self.gate_norm_attn(y) * jax.nn.sigmoid(self.gate_norm_memory(m))
+            x = x + gated @ self.gate_out[...].astype(gated.dtype)
+            cache = None if cache is None else {"memory": memory_cache, "attn": attn_cache}
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, ("batch", "length", "embed")), cache
 
 
 class Titans(nnx.Module):
     def __init__(self, cfg: TitansConfig, attention=None, *, rngs: nnx.Rngs):
-        del attention  # the LMM variant has no attention
+        del attention  # mag/mal use their own windowed jnp attention (see the module docstring)
         self.cfg = cfg
         self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), normal(cfg.embed_init_std))
         self.persistent = param(rngs, (cfg.num_persistent, cfg.d_model), (None, "embed"), normal(cfg.embed_init_std))
@@ -164,26 +280,43 @@ class Titans(nnx.Module):
         return constrain(logits, ("batch", "length", "vocab"))
 
     def __call__(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Parallel form. batch: inputs [B, T] int32, optional segment_ids. -> logits [B, T, V]."""
+        """Parallel form. batch: inputs [B, T] int32, optional segment_ids. -> logits [B, T, V]. Positions are the
+        slot indices of P ‖ tokens (`batch["positions"]` is not used)."""
         tokens = batch["inputs"]
         segment_ids = batch.get("segment_ids")
         prefix = self.cfg.num_persistent
         if segment_ids is not None:  # the persistent tokens belong to the first document of the row
             segment_ids = jnp.concatenate([jnp.repeat(segment_ids[:, :1], prefix, axis=1), segment_ids], axis=1)
-        x, _ = self.layers(self._with_persistent(self._embed(tokens)), None, segment_ids=segment_ids)
+        x = self._with_persistent(self._embed(tokens))
+        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+        x, _ = self.layers(x, None, segment_ids=segment_ids, positions=positions)
         return self._logits(x[:, prefix:]), {}
 
     def init_cache(self, batch_size: int, max_len: int = 0, dtype: jnp.dtype = jnp.float32) -> dict[str, Any]:
-        """Per-layer memory state (stacked along `layers`) after the persistent tokens; its size is fixed, so
-        `max_len` is not needed."""
-        del max_len, dtype
-        layers = self.layers.blocks.mixer.init_cache(batch_size)  # parameters stacked on `layers`: so is this
+        """Per-layer memory state (stacked along `layers`) after the persistent tokens, and for mag/mal a key/value
+        cache of N_p + `max_len` slots (`max_len` is then required: the most tokens `decode` will be given)."""
+        blocks = self.layers.blocks
+        layers = blocks.mixer.init_cache(batch_size)  # parameters stacked on `layers`: so is this
+        if self.cfg.variant in ATTENTION_VARIANTS:
+            if max_len <= 0:
+                raise ValueError(f"init_cache: Titans variant {self.cfg.variant!r} needs max_len > 0, got {max_len}")
+            attn = blocks.attn
+            shape = (self.cfg.num_layers, batch_size, self.cfg.num_persistent + max_len, attn.num_kv_heads)
+            kv = jnp.zeros((*shape, attn.head_dim), dtype)
+            layers = {"memory": layers, "attn": {"k": kv, "v": kv}}
+        cache = {"index": jnp.zeros((), jnp.int32), "layers": layers}
         if self.cfg.num_persistent:
             empty = jnp.zeros((batch_size, 0, self.cfg.d_model), self.embed[...].dtype)
-            _, layers = self.layers(self._with_persistent(empty), layers)
-        return {"layers": layers}
+            cache = self._decode_embedded(self._with_persistent(empty), cache)[1]
+        return cache
+
+    def _decode_embedded(self, x, cache):
+        index = cache["index"]
+        positions = jnp.broadcast_to(index + jnp.arange(x.shape[1]), x.shape[:2])
+        x, layers = self.layers(x, cache["layers"], positions=positions, index=index)
+        return x, {"index": index + x.shape[1], "layers": layers}
 
     def decode(self, tokens: jax.Array, cache: dict[str, Any]) -> tuple[jax.Array, dict[str, Any]]:
         """Recurrent form: consumes tokens [B, n] after the cached ones; returns (logits [B, n, V], cache)."""
-        x, layers = self.layers(self._embed(tokens), cache["layers"])
-        return self._logits(x), {"layers": layers}
+        x, cache = self._decode_embedded(self._embed(tokens), cache)
+        return self._logits(x), cache

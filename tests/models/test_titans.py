@@ -10,6 +10,7 @@ from lcjax import models
 from lcjax.config import from_dict
 from lcjax.errors import ConfigError
 from lcjax.layers.params import logical_axes
+from lcjax.models import titans
 from lcjax.parallel.mesh import make_mesh
 from lcjax.train.step import Trainer
 from tests.conftest import run_main
@@ -43,7 +44,13 @@ def _tokens(shape, seed=1):
 
 @pytest.mark.parametrize(
     "overrides,pieces",
-    [({}, [1] * 11), ({}, [3, 8]), ({"memory_depth": 2, "num_persistent": 0}, [6, 5])],
+    [
+        ({}, [1] * 11),
+        ({}, [3, 8]),
+        ({"memory_depth": 2, "num_persistent": 0}, [6, 5]),
+        ({"variant": "mag", "window": 4}, [1] * 11),
+        ({"variant": "mal", "window": 4}, [3, 8]),
+    ],
 )
 def test_decode_matches_parallel(overrides, pieces):
     model = _model(**overrides)
@@ -51,7 +58,7 @@ def test_decode_matches_parallel(overrides, pieces):
     logits = _forward(model, tokens)
     assert logits.shape == (2, 11, 64)
     decode = nnx.jit(lambda model, tokens, cache: model.decode(tokens, cache))  # one compile per piece length
-    cache, outputs, start = model.init_cache(2), [], 0
+    cache, outputs, start = model.init_cache(2, max_len=11), [], 0
     for n in pieces:
         out, cache = decode(model, tokens[:, start : start + n], cache)
         outputs.append(out)
@@ -68,6 +75,30 @@ def test_causal_and_the_memory_carries_context():
     # A different past changes the prediction at a later identical token (through the memory, not attention).
     c = a.at[:, :3].set((a[:, :3] + 5) % 64)
     assert float(jnp.max(jnp.abs(_forward(model, c)[:, 11] - la[:, 11]))) > 1e-4
+
+
+def test_window_mask_is_the_window_plus_the_persistent_prefix():
+    slots = jnp.arange(10)[None]
+    segments = jnp.array([[1, 1, 1, 1, 1, 1, 2, 2, 2, 2]])
+    mask = np.asarray(titans.window_mask(slots, slots, segments, segments, window=3, prefix=2))[0]
+    for i in range(10):
+        for j in range(10):
+            want = j <= i and (j < 2 or (i - j < 3 and segments[0, i] == segments[0, j]))
+            assert mask[i, j] == want, (i, j)
+
+
+@pytest.mark.parametrize("variant", ["mag", "mal"])
+def test_attention_variants_see_far_tokens_only_through_the_memory(variant):
+    """With window 2, token 0 is outside every later token's window: it reaches position 10 only through the
+    memory. Freezing the memory (step size θ = 0 and decay α = 0 through their gate biases, so M_t = M_0) must remove
+    that influence."""
+    model = _model(variant=variant, window=2, num_persistent=0)
+    a = _tokens((1, 11))
+    b = a.at[:, 0].set((a[:, 0] + 7) % 64)
+    assert float(jnp.max(jnp.abs(_forward(model, a)[:, 10] - _forward(model, b)[:, 10]))) > 1e-5
+    bias = model.layers.blocks.mixer.b_gates
+    bias[...] = bias[...].at[:, 0].set(-1e4).at[:, 2].set(-1e4)  # θ = α = sigmoid(-1e4) = 0
+    np.testing.assert_allclose(_forward(model, a)[:, 10], _forward(model, b)[:, 10], atol=1e-6, rtol=0)
 
 
 def test_unrolled_equals_scanned():
@@ -87,8 +118,15 @@ def test_bfloat16_parameters_keep_the_memory_in_float32():
     np.testing.assert_allclose(logits_bf16.astype(jnp.float32), _forward(model, tokens), atol=0.15, rtol=0)
 
 
-def test_train_step_on_data_2_tensor_2_equals_one_device():
-    config = _config(train={"batch_size": 4, "seq_len": 12, "warmup_steps": 0, "learning_rate": 1e-2})
+# mag/mal compile two more sharded steps (about 1 min each on the 2-core CI machine): `slow`, run with -m slow.
+@pytest.mark.parametrize(
+    "variant", ["lmm", pytest.param("mag", marks=pytest.mark.slow), pytest.param("mal", marks=pytest.mark.slow)]
+)
+def test_train_step_on_data_2_tensor_2_equals_one_device(variant):
+    # lr 1e-3: Adam's first step is about lr per element wherever the gradient is tiny, so reduction-order
+    # noise there shows up scaled by lr (at 1e-2, one wq element of mal differed by 5.8e-5)
+    train = {"batch_size": 4, "seq_len": 12, "warmup_steps": 0, "learning_rate": 1e-3}
+    config = _config({"variant": variant}, train=train)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 64, (4, 13)).astype(np.int32)
     batch = {
@@ -150,6 +188,8 @@ def test_parameter_names_and_axes_are_pinned():
         ({"variant": "mac-lite"}, {}, "model.variant"),
         ({"chunk_size": 0}, {}, "model.chunk_size"),
         ({"memory_heads": 3}, {}, "model.memory_heads"),
+        ({"variant": "mag", "num_kv_heads": 3}, {}, "model.num_kv_heads"),
+        ({"variant": "mal", "window": 0}, {}, "model.window"),
         ({}, {"sequence": 2, "data": -1}, "mesh.sequence"),
     ],
 )
@@ -159,9 +199,14 @@ def test_bad_configs_name_the_field(model, mesh, field):
     assert error.value.field == field
 
 
-def test_lmm_tiny_trains_through_main(tmp_path):
+# lmm-tiny runs by default; mag/mal-tiny (about a minute each on CI's 2 cores) are `slow`: run with -m slow.
+@pytest.mark.parametrize(
+    "preset",
+    ["lmm-tiny", pytest.param("mag-tiny", marks=pytest.mark.slow), pytest.param("mal-tiny", marks=pytest.mark.slow)],
+)
+def test_tiny_preset_trains_through_main(tmp_path, preset):
     result = run_main(
-        "--config=configs/titans.py:lmm-tiny",
+        f"--config=configs/titans.py:{preset}",
         f"--workdir={tmp_path}",
         "--config.train.steps=40",
         "--config.train.batch_size=8",
