@@ -262,6 +262,10 @@ class SelfAttention(nnx.Module):
         shape = (batch_size, max_len, self.num_kv_heads, self.head_dim)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
+    def _cache_mask(self, q_slots: jax.Array, k_slots: jax.Array) -> jax.Array:
+        """[B, n, S] bool: which cache slots each new query sees (subclasses narrow it, e.g. to a window)."""
+        return causal_segment_mask(q_slots, k_slots, None, None)
+
     def step(
         self, x: jax.Array, positions: jax.Array, cache: dict[str, jax.Array], index: jax.Array
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -278,7 +282,7 @@ class SelfAttention(nnx.Module):
             out = _sharded_cache_attention(q, k_all, v_all, q_slots, self.head_dim**-0.5)
             return self._output(out), {"k": k_cache, "v": v_cache}
         k_slots = jnp.broadcast_to(jnp.arange(k_cache.shape[1]), (batch, k_cache.shape[1]))
-        mask = causal_segment_mask(q_slots, k_slots, None, None)
+        mask = self._cache_mask(q_slots, k_slots)
         out = dot_product_attention(
             q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask, scale=self.head_dim**-0.5
         )

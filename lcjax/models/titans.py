@@ -84,10 +84,9 @@ class TitansConfig:
         del config
         if self.variant not in VARIANTS:
             raise ConfigError("model.variant", f"={self.variant!r}; expected one of {list(VARIANTS)}")
-        for name in ("vocab_size", "d_model", "num_layers", "mlp_dim", "memory_heads", "memory_depth"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name}", f"must be > 0, got {getattr(self, name)}")
-        for name in ("memory_expansion", "chunk_size", "conv_size", "window", "num_heads", "num_kv_heads"):
+        positive = ("vocab_size", "d_model", "num_layers", "mlp_dim", "memory_heads", "memory_depth")
+        positive += ("memory_expansion", "chunk_size", "conv_size", "window", "num_heads", "num_kv_heads")
+        for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name}", f"must be > 0, got {getattr(self, name)}")
         if self.variant in ATTENTION_VARIANTS:
@@ -181,16 +180,8 @@ class WindowAttention(SelfAttention):
         mask = window_mask(positions, positions, segment_ids, segment_ids, window=self.window, prefix=self.prefix)
         return self._output(dot_product_attention(q, k, v, mask, scale=self.head_dim**-0.5))
 
-    def step(self, x, positions, cache, index):
-        q, k, v = self._project(x, positions)
-        k_cache = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
-        k_slots = jnp.broadcast_to(jnp.arange(k_cache.shape[1]), (x.shape[0], k_cache.shape[1]))
-        mask = window_mask(positions, k_slots, None, None, window=self.window, prefix=self.prefix)
-        out = dot_product_attention(
-            q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask, scale=self.head_dim**-0.5
-        )
-        return self._output(out), {"k": k_cache, "v": v_cache}
+    def _cache_mask(self, q_slots, k_slots):  # `SelfAttention.step` writes the cache and attends with this mask
+        return window_mask(q_slots, k_slots, None, None, window=self.window, prefix=self.prefix)
 
 
 class Block(nnx.Module):
@@ -233,26 +224,26 @@ class Block(nnx.Module):
         return self.attn.step(h, positions, cache, index)
 
     def __call__(self, x, cache, *, segment_ids=None, positions=None, index=None):
+        if cache is None or self.variant == "lmm":
+            memory_cache, attn_cache = cache, None
+        else:
+            memory_cache, attn_cache = cache["memory"], cache["attn"]
         if self.variant == "lmm":
-            h, cache = self._memory(self.mixer_norm(x), cache, segment_ids)
+            h, memory_cache = self._memory(self.mixer_norm(x), memory_cache, segment_ids)
             x = x + h
         elif self.variant == "mal":
-            memory_cache = None if cache is None else cache["memory"]
-            attn_cache = None if cache is None else cache["attn"]
             h, memory_cache = self._memory(self.mixer_norm(x), memory_cache, segment_ids)
             x = x + h
             h, attn_cache = self._attention(self.attn_norm(x), attn_cache, positions, segment_ids, index)
             x = x + h
-            cache = None if cache is None else {"memory": memory_cache, "attn": attn_cache}
         else:  # mag
-            memory_cache = None if cache is None else cache["memory"]
-            attn_cache = None if cache is None else cache["attn"]
             h = self.mixer_norm(x)
             m, memory_cache = self._memory(h, memory_cache, segment_ids)
             y, attn_cache = self._attention(h, attn_cache, positions, segment_ids, index)
             gated = self.gate_norm_attn(y) * jax.nn.sigmoid(self.gate_norm_memory(m))
             x = x + gated @ self.gate_out[...].astype(gated.dtype)
-            cache = None if cache is None else {"memory": memory_cache, "attn": attn_cache}
+        if cache is not None:
+            cache = memory_cache if self.variant == "lmm" else {"memory": memory_cache, "attn": attn_cache}
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, ("batch", "length", "embed")), cache
 
