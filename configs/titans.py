@@ -1,9 +1,9 @@
-"""Titans (neural long-term memory). Presets: lmm-tiny, mag-tiny, mal-tiny (one CPU, minutes) and their -small
-versions. mag: memory as a gate beside sliding-window attention; mal: memory layer, then sliding-window attention.
+"""Titans (neural long-term memory). Presets: lmm-tiny, mac-tiny, mag-tiny, mal-tiny (one CPU, minutes) and their
+-small versions. mac: memory as context (segment-local attention over persistent ‖ memory read ‖ segment, the
+attention output stored in the memory); mag: memory as a gate beside sliding-window attention; mal: memory layer,
+then sliding-window attention.
 
-python main.py --config=configs/titans.py:lmm-tiny --workdir=runs/lmm-tiny
-
-The MAC presets arrive with that variant.
+python main.py --config=configs/titans.py:mac-tiny --workdir=runs/mac-tiny
 """
 
 import os
@@ -37,7 +37,8 @@ PRESETS = {
 
 _TINY_ATTENTION = {"window": 64, "num_heads": 4, "num_kv_heads": 2}
 _SMALL_ATTENTION = {"window": 512, "num_heads": 8, "num_kv_heads": 4}
-for _variant in ("mag", "mal"):
+_TINY_ATTENTION["segment"], _SMALL_ATTENTION["segment"] = 32, 256  # mac only (64 or 256 tokens of context)
+for _variant in ("mac", "mag", "mal"):
     PRESETS[f"{_variant}-tiny"] = {
         **PRESETS["lmm-tiny"],
         "model": {**PRESETS["lmm-tiny"]["model"], **_TINY_ATTENTION, "variant": _variant},

@@ -378,37 +378,62 @@ class NeuralMemory(nnx.Module):
         ]
         return weights, weights, [jnp.zeros_like(w) for w in weights]
 
-    def _run(self, x, history, state, offset, segment_ids=None):
-        projected = jnp.einsum("btd,dshe->btshe", x, self.w_qkv[...].astype(x.dtype))
+    def _convolve(self, x, history, parts, segment_ids, history_segments):
+        """silu(causal depthwise conv(x W)) for the projections `parts` (a slice of q, k, v) in float32, and the
+        new conv history. A tap reaching into another document (`segment_ids`; the history's documents are
+        `history_segments`, a new document when None) reads zero."""
+        projected = jnp.einsum("btd,dshe->btshe", x, self.w_qkv[...][:, parts].astype(x.dtype))
         padded = jnp.concatenate([history, projected], axis=1)
-        kernel = self.conv[...].astype(x.dtype)
+        kernel = self.conv[...][:, parts].astype(x.dtype)
         length, taps = x.shape[1], self.conv_size
-        if segment_ids is not None:  # a tap reaching into the previous document reads zero
-            seg = jnp.pad(segment_ids, ((0, 0), (taps - 1, 0)), constant_values=-1)
+        if segment_ids is not None:
+            if history_segments is None:
+                history_segments = jnp.full((x.shape[0], taps - 1), -1, segment_ids.dtype)
+            seg = jnp.concatenate([history_segments, segment_ids], axis=1)
         mixed = 0
         for tap in range(taps):
             window = padded[:, tap : tap + length]
             if segment_ids is not None:
                 window = jnp.where((seg[:, tap : tap + length] == segment_ids)[..., None, None, None], window, 0)
             mixed = mixed + kernel[tap] * window
-        q, k, v = (jax.nn.silu(mixed[:, :, i].astype(jnp.float32)) for i in range(3))
-        q, k = (z * jax.lax.rsqrt(jnp.sum(z * z, axis=-1, keepdims=True) + 1e-6) for z in (q, k))
+        return jax.nn.silu(mixed.astype(jnp.float32)), padded[:, padded.shape[1] - (taps - 1) :]
+
+    @staticmethod
+    def _heads_first(z, normalize):
+        if normalize:
+            z = z * jax.lax.rsqrt(jnp.sum(z * z, axis=-1, keepdims=True) + 1e-6)
+        return jnp.swapaxes(z, 1, 2)  # [batch, heads, length, head_dim]
+
+    def _output(self, y, x):
+        """(RMSNorm(y) ⊙ silu(x W_g)) W_o for y `[batch, heads, length, head_dim]` read from the memory."""
+        y = jnp.swapaxes(y, 1, 2)  # [batch, length, heads, head_dim]
+        y = y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + 1e-6) * self.out_scale[...]
+        y = constrain(y.astype(x.dtype), ("batch", "length", "heads", "head_dim"))
+        gate = jax.nn.silu(jnp.einsum("btd,dhe->bthe", x, self.w_gate[...].astype(x.dtype)))
+        return jnp.einsum("bthe,hed->btd", y * gate, self.w_out[...].astype(x.dtype))
+
+    def read_queries(self, x, history, segment_ids=None, history_segments=None):
+        """The memory queries of x `[batch, n, d_model]` without storing anything: (q `[batch, heads, n,
+        head_dim]` float32, new history `[batch, conv_size − 1, 1, heads, head_dim]` of the query projection)."""
+        mixed, history = self._convolve(x, history, slice(0, 1), segment_ids, history_segments)
+        return self._heads_first(mixed[:, :, 0], normalize=True), history
+
+    def read(self, q, weights, x):
+        """The layer output for a read-only retrieval M_W(q) (`read_queries`) with the memory `weights` (`[batch,
+        heads, d_in, d_out]` per layer); x is the input the queries came from (it drives the output gate)."""
+        return self._output(memory_read(weights, q), x)
+
+    def _run(self, x, history, state, offset, segment_ids=None, history_segments=None):
+        mixed, history = self._convolve(x, history, slice(0, 3), segment_ids, history_segments)
+        q, k, v = (self._heads_first(mixed[:, :, i], normalize=i < 2) for i in range(3))
         gates = jnp.einsum("btd,dsh->bsht", x.astype(jnp.float32), self.w_gates[...]) + self.b_gates[...][..., None]
         lr, momentum, decay = (
             self.max_lr * jax.nn.sigmoid(gates[:, 0]),
             jax.nn.sigmoid(gates[:, 1]),
             jax.nn.sigmoid(gates[:, 2]),
         )
-        heads_first = [jnp.swapaxes(z, 1, 2) for z in (q, k, v)]  # [batch, heads, length, head_dim]
-        y, new_state = memory_scan_from(
-            state, *heads_first, lr, momentum, decay, chunk_size=self.chunk_size, offset=offset
-        )
-        y = jnp.swapaxes(y, 1, 2)  # [batch, length, heads, head_dim]
-        y = y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + 1e-6) * self.out_scale[...]
-        y = constrain(y.astype(x.dtype), ("batch", "length", "heads", "head_dim"))
-        gate = jax.nn.silu(jnp.einsum("btd,dhe->bthe", x, self.w_gate[...].astype(x.dtype)))
-        out = jnp.einsum("bthe,hed->btd", y * gate, self.w_out[...].astype(x.dtype))
-        return out, (padded[:, padded.shape[1] - (taps - 1) :], new_state)
+        y, new_state = memory_scan_from(state, q, k, v, lr, momentum, decay, chunk_size=self.chunk_size, offset=offset)
+        return self._output(y, x), (history, new_state)
 
 
 def _identity_tap(key, shape, dtype):

@@ -1,21 +1,32 @@
 """Titans (arXiv 2501.00663): language models around the neural long-term memory of `lcjax.layers.neural_memory`.
 
-Every variant starts from x_0 = P ‖ E[tokens] with N_p learned persistent tokens P (Eq. 19), ends with
-logits = RMSNorm(x) E^T on the token positions, and has an MLP sublayer x <- x + MLP(RMSNorm(x)) in each block.
+lmm/mag/mal start from x_0 = P ‖ E[tokens] with N_p learned persistent tokens P (Eq. 19), mac from E[tokens];
+every variant ends with logits = RMSNorm(x) E^T on the token positions, and has an MLP sublayer
+x <- x + MLP(RMSNorm(x)) in each block.
 The mixing sublayer, by `model.variant`:
   lmm  "Titans (LMM)": x <- x + LMM(RMSNorm(x)).
   mag  memory as a gate (Fig. 3b): h = RMSNorm(x), y = SWA(h), m = LMM(h),
        x <- x + (RMSNorm_y(y) ⊙ σ(RMSNorm_m(m))) W_g   (the paper's "normalize with learnable vector-valued weights,
        then a non-linearity"; the output projection W_g keeps the residual branch small at init).
   mal  memory as a layer: x <- x + LMM(RMSNorm(x));  x <- x + SWA(RMSNorm(x)).
+  mac  memory as context (Fig. 3a, Eq. 21–25), over segments S of `model.segment` tokens, with h = RMSNorm(x):
+       r = RMSNorm_r(M*_(s−1)(q(h)))   read the memory as the previous segment left it, one read per token;
+       y = Attn(P ‖ r ‖ h)              causal attention inside the segment only, N_p learned tokens P per layer;
+       m = LMM(y)                       store the attention output (keys/values from y) and read it back per token;
+       x <- x + (RMSNorm_y(y) ⊙ σ(RMSNorm_m(m))) W_g,  the gate o = y ⊗ M*(y) as for mag.
+       The read r_j uses token j's query, so it sits at token j's time: token i attends to r_j and h_j for j <= i
+       (the paper's causal mask over P ‖ r ‖ S would otherwise let token i see x_j, j > i, through r_j). Likewise
+       M*(y_i) is the per-token read after storing y_(<=i), not the memory after the whole segment. The reads are
+       the literal Eq. 21 (one per token: option A of reference §1.4), and persistent tokens are per layer and per
+       segment, so mac has no sequence-level prefix.
 SWA is causal sliding-window attention (RoPE on the slot index, grouped-query heads) in which a token sees the
-`model.window` latest slots of its own document and the persistent prefix at any distance (Fig. 3b). It is the
-jnp (xla) core with an explicit mask, whatever `attention.impl` says. MAC (segments, memory as context) is not
-built yet.
+`model.window` latest slots of its own document and the persistent prefix at any distance (Fig. 3b). It and mac's
+segment attention are the jnp (xla) core with an explicit mask, whatever `attention.impl` says.
 
 The recurrent form (`init_cache`/`decode`) carries each layer's memory state (and for mag/mal its key/value
-cache, sized N_p + max_len); `init_cache` already holds the persistent tokens, so decoding a sequence in any pieces
-gives the logits of the parallel form.
+cache, sized N_p + max_len; for mac the segment's keys/values and the memory at the segment start); `init_cache`
+already holds the persistent tokens, so decoding a sequence in any pieces gives the logits of the parallel form.
+mac decodes one token at a time inside each layer (a prefill of n tokens is n sequential steps).
 """
 
 from __future__ import annotations
@@ -37,8 +48,8 @@ from lcjax.layers.params import normal, param
 from lcjax.layers.stack import REMAT_POLICIES, LayerStack
 from lcjax.parallel.sharding import constrain
 
-VARIANTS = ("lmm", "mag", "mal")
-ATTENTION_VARIANTS = ("mag", "mal")
+VARIANTS = ("lmm", "mac", "mag", "mal")
+ATTENTION_VARIANTS = ("mac", "mag", "mal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +71,10 @@ class TitansConfig:
     # θ = max_lr * sigmoid(...). 0: 1 / chunk_size, so that a chunk of identical keys (all its gradients taken at
     # the chunk start, e.g. a run of spaces) cannot overshoot: 2θ * chunk_size <= 2. Larger values diverge on text.
     memory_max_lr: float = 0.0
-    num_persistent: int = 4  # learned persistent-memory tokens prepended to every sequence
+    # Learned persistent-memory tokens: prepended to the sequence (lmm/mag/mal), or per layer to every segment's
+    # attention context (mac).
+    num_persistent: int = 4
+    segment: int = 32  # mac: tokens per segment (attention context = persistent ‖ retrieved ‖ segment)
     # mag/mal sliding-window attention: the `window` latest slots of the document, plus the persistent prefix
     window: int = 64
     num_heads: int = 4
@@ -85,7 +99,7 @@ class TitansConfig:
         if self.variant not in VARIANTS:
             raise ConfigError("model.variant", f"={self.variant!r}; expected one of {list(VARIANTS)}")
         positive = ("vocab_size", "d_model", "num_layers", "mlp_dim", "memory_heads", "memory_depth")
-        positive += ("memory_expansion", "chunk_size", "conv_size", "window", "num_heads", "num_kv_heads")
+        positive += ("memory_expansion", "chunk_size", "conv_size", "window", "num_heads", "num_kv_heads", "segment")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name}", f"must be > 0, got {getattr(self, name)}")
@@ -139,9 +153,13 @@ class TitansConfig:
         if self.variant in ATTENTION_VARIANTS:
             head_dim = self.d_model // self.num_heads
             matmul_params += self.num_layers * self.d_model * head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-            if self.variant == "mag":
+            if self.variant in ("mag", "mac"):
                 matmul_params += self.num_layers * self.d_model * self.d_model
             seen = min(self.window, seq_len) + self.num_persistent  # keys per query (at most)
+            if self.variant == "mac":  # a query sees ~segment/2 tokens and as many reads, each read at ~2 |W|
+                seen = min(self.segment, seq_len) + self.num_persistent
+                matmul_params += self.num_layers * 3 * self.d_model * heads * hd  # read: query, gate, output
+                memory += self.num_layers * heads * 2 * memory_size
             attention = self.num_layers * 4 * self.num_heads * head_dim * seen
         return 6 * matmul_params + 3 * memory + 3 * attention
 
@@ -154,6 +172,22 @@ def window_mask(q_slots, k_slots, q_segments, k_segments, *, window: int, prefix
     if q_segments is not None:
         near &= q_segments[:, :, None] == k_segments[:, None, :]
     return causal & (near | (k_slots[:, None, :] < prefix))
+
+
+def segment_mask(q_index, *, size: int, prefix: int, q_segments=None, k_segments=None) -> jax.Array:
+    """MAC's attention mask, [B, n, prefix + 2 size] bool, over the context P ‖ h ‖ S of one segment.
+
+    q_index [B, n]: each query's token index i in the segment. Key slots: `prefix` persistent tokens (always
+    visible), then the retrieved vectors h_0..h_(size−1), then the tokens S_0..S_(size−1). h_j is read with token j's
+    query, so it counts as being at token j: the query i sees h_j and S_j iff j <= i (and, with segment ids
+    [B, size], only within its document)."""
+    k_index = jnp.arange(2 * size) % size
+    visible = k_index[None, None, :] <= q_index[:, :, None]
+    if q_segments is not None:
+        k_segments = jnp.concatenate([k_segments, k_segments], axis=1)
+        visible &= q_segments[:, :, None] == k_segments[:, None, :]
+    always = jnp.ones((*q_index.shape, prefix), bool)
+    return jnp.concatenate([always, visible], axis=-1)
 
 
 class WindowAttention(SelfAttention):
@@ -202,14 +236,20 @@ class Block(nnx.Module):
             out_std=out_std,
             rngs=rngs,
         )
-        if cfg.variant in ATTENTION_VARIANTS:
+        if cfg.variant in ATTENTION_VARIANTS:  # mac's attention is segment-local: the window does not apply
             self.attn = WindowAttention(cfg, out_std=out_std, rngs=rngs)
         if cfg.variant == "mal":
             self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
-        if cfg.variant == "mag":
+        if cfg.variant in ("mag", "mac"):
             self.gate_norm_attn = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
             self.gate_norm_memory = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
             self.gate_out = param(rngs, (cfg.d_model, cfg.d_model), ("mlp", "embed"), normal(out_std))
+        if cfg.variant == "mac":
+            self.segment, self.num_persistent = cfg.segment, cfg.num_persistent
+            self.read_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+            self.persistent = param(
+                rngs, (cfg.num_persistent, cfg.d_model), (None, "embed"), normal(cfg.embed_init_std)
+            )
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, init_std=cfg.init_std, out_std=out_std, rngs=rngs)
 
@@ -223,7 +263,17 @@ class Block(nnx.Module):
             return self.attn(h, positions, segment_ids), None
         return self.attn.step(h, positions, cache, index)
 
+    def _gate(self, y, m):
+        gated = self.gate_norm_attn(y) * jax.nn.sigmoid(self.gate_norm_memory(m))
+        return gated @ self.gate_out[...].astype(gated.dtype)
+
     def __call__(self, x, cache, *, segment_ids=None, positions=None, index=None):
+        if self.variant == "mac":
+            h = self.mixer_norm(x)
+            y, m, cache = self._mac(h, segment_ids) if cache is None else self._mac_step(h, cache, index)
+            x = x + self._gate(y, m)
+            x = x + self.mlp(self.mlp_norm(x))
+            return constrain(x, ("batch", "length", "embed")), cache
         if cache is None or self.variant == "lmm":
             memory_cache, attn_cache = cache, None
         else:
@@ -240,20 +290,105 @@ class Block(nnx.Module):
             h = self.mixer_norm(x)
             m, memory_cache = self._memory(h, memory_cache, segment_ids)
             y, attn_cache = self._attention(h, attn_cache, positions, segment_ids, index)
-            gated = self.gate_norm_attn(y) * jax.nn.sigmoid(self.gate_norm_memory(m))
-            x = x + gated @ self.gate_out[...].astype(gated.dtype)
+            x = x + self._gate(y, m)
         if cache is not None:
             cache = memory_cache if self.variant == "lmm" else {"memory": memory_cache, "attn": attn_cache}
         x = x + self.mlp(self.mlp_norm(x))
         return constrain(x, ("batch", "length", "embed")), cache
 
+    # --- MAC (memory as context) ---
+
+    def _mac_context(self, h, r, positions):
+        """q, k, v of the context P ‖ r ‖ h (RoPE at `positions` [B, N_p + 2n]); q only for the h part."""
+        prefix = jnp.broadcast_to(self.persistent[...].astype(h.dtype), (h.shape[0], *self.persistent.shape))
+        q, k, v = self.attn._project(jnp.concatenate([prefix, r, h], axis=1), positions)
+        return q[:, self.num_persistent + r.shape[1] :], k, v
+
+    def _mac(self, h, segment_ids):
+        """Parallel form over segments of `segment` tokens: h [B, T, d] (normalized) -> (attention output y,
+        memory output m), each [B, T, d]."""
+        batch, length, _ = h.shape
+        size, prefix, mixer = self.segment, self.num_persistent, self.mixer
+        count = -(-length // size)
+        pad = count * size - length  # trailing padding: causal, so it never reaches a real token
+        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+        if segment_ids is not None:
+            segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
+        taps = mixer.conv_size - 1
+        history = jnp.zeros((batch, taps, 1, mixer.num_heads, mixer.head_dim), h.dtype)
+        q_read, _ = mixer.read_queries(h, history, segment_ids)  # the read queries depend on h alone
+
+        def split(a, axis):  # [..., count * size, ...] -> [count, ..., size, ...]
+            a = a.reshape(*a.shape[:axis], count, size, *a.shape[axis + 1 :])
+            return jnp.moveaxis(a, axis, 0)
+
+        positions = jnp.broadcast_to(jnp.arange(prefix + 2 * size), (batch, prefix + 2 * size))
+        q_index = jnp.broadcast_to(jnp.arange(size), (batch, size))
+        segments = None if segment_ids is None else split(segment_ids, 1)
+
+        def body(carry, inputs):
+            store_history, history_segments, state = carry
+            h_s, q_s, seg_s, index = inputs
+            r = self.read_norm(mixer.read(q_s, state[1], h_s))  # M*_(t−1)(q_t): the memory before the segment
+            q, k, v = self._mac_context(h_s, r, positions)
+            mask = segment_mask(q_index, size=size, prefix=prefix, q_segments=seg_s, k_segments=seg_s)
+            y = self.attn._output(dot_product_attention(q, k, v, mask, scale=self.attn.head_dim**-0.5))
+            offset = 0 if size % mixer.chunk_size == 0 else index * size % mixer.chunk_size
+            m, (store_history, state) = mixer._run(y, store_history, state, offset, seg_s, history_segments)
+            if seg_s is not None:
+                history_segments = jnp.concatenate([history_segments, seg_s], axis=1)[:, size:]
+            return (store_history, history_segments, state), (y, m)
+
+        store_history = jnp.zeros((batch, taps, 3, mixer.num_heads, mixer.head_dim), h.dtype)
+        history_segments = None if segment_ids is None else jnp.full((batch, taps), -1, segment_ids.dtype)
+        carry = (store_history, history_segments, mixer._initial_state(batch))
+        xs = (split(h, 1), split(q_read, 2), segments, jnp.arange(count))
+        _, (y, m) = jax.lax.scan(body, carry, xs)
+        join = lambda a: jnp.moveaxis(a, 0, 1).reshape(batch, count * size, -1)[:, :length]
+        return join(y), join(m), None
+
+    def _mac_step(self, h, cache, index):
+        """Recurrent form, one token at a time: h [B, n, d] (normalized) after `index` tokens."""
+        size, prefix, mixer = self.segment, self.num_persistent, self.mixer
+        batch = h.shape[0]
+
+        def body(carry, h_t):
+            cache, index = carry
+            h_t = h_t[:, None]
+            j = index % size
+            read = cache["read"]
+            weights = [
+                jnp.where(j == 0, now, before)  # a new segment reads the memory as the last one left it
+                for now, before in zip(cache["memory"]["weights"], read["weights"], strict=True)
+            ]
+            q, conv = mixer.read_queries(h_t, read["conv"].astype(h_t.dtype))
+            r = self.read_norm(mixer.read(q, weights, h_t))
+            slots = jnp.concatenate([jnp.arange(prefix), prefix + j + jnp.array([0, size])])
+            q, k, v = self._mac_context(h_t, r, jnp.broadcast_to(slots, (batch, prefix + 2)))
+            kv = {}
+            for name, new in (("k", k), ("v", v)):
+                stored = cache["attn"][name].at[:, j].set(new[:, prefix].astype(cache["attn"][name].dtype))
+                kv[name] = stored.at[:, size + j].set(new[:, prefix + 1].astype(stored.dtype))
+            keys, values = (jnp.concatenate([a[:, :prefix], kv[n].astype(a.dtype)], 1) for n, a in (("k", k), ("v", v)))
+            mask = segment_mask(jnp.full((batch, 1), j), size=size, prefix=prefix)
+            y = self.attn._output(dot_product_attention(q, keys, values, mask, scale=self.attn.head_dim**-0.5))
+            m, memory = mixer.step(y, cache["memory"])
+            read = {"conv": conv.astype(read["conv"].dtype), "weights": weights}
+            return ({"memory": memory, "read": read, "attn": kv}, index + 1), (y[:, 0], m[:, 0])
+
+        (cache, _), (y, m) = jax.lax.scan(body, (cache, index), jnp.swapaxes(h, 0, 1))
+        return jnp.swapaxes(y, 0, 1), jnp.swapaxes(m, 0, 1), cache
+
 
 class Titans(nnx.Module):
     def __init__(self, cfg: TitansConfig, attention=None, *, rngs: nnx.Rngs):
-        del attention  # mag/mal use their own windowed jnp attention (see the module docstring)
+        del attention  # the attention variants use their own jnp attention (see the module docstring)
         self.cfg = cfg
         self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), normal(cfg.embed_init_std))
-        self.persistent = param(rngs, (cfg.num_persistent, cfg.d_model), (None, "embed"), normal(cfg.embed_init_std))
+        # mac keeps its persistent tokens in every layer (prepended to each segment's attention context)
+        self.prefix = 0 if cfg.variant == "mac" else cfg.num_persistent
+        if self.prefix:
+            self.persistent = param(rngs, (self.prefix, cfg.d_model), (None, "embed"), normal(cfg.embed_init_std))
         self.layers = LayerStack(
             lambda r: Block(cfg, rngs=r), cfg.num_layers, rngs=rngs, scan=cfg.scan_layers, remat=cfg.remat
         )
@@ -263,6 +398,8 @@ class Titans(nnx.Module):
         return constrain(jnp.take(self.embed[...], tokens, axis=0), ("batch", "length", "embed"))
 
     def _with_persistent(self, x: jax.Array) -> jax.Array:
+        if not self.prefix:
+            return x
         prefix = jnp.broadcast_to(self.persistent[...].astype(x.dtype), (x.shape[0], *self.persistent.shape))
         return jnp.concatenate([prefix, x], axis=1)
 
@@ -275,8 +412,8 @@ class Titans(nnx.Module):
         slot indices of P ‖ tokens (`batch["positions"]` is not used)."""
         tokens = batch["inputs"]
         segment_ids = batch.get("segment_ids")
-        prefix = self.cfg.num_persistent
-        if segment_ids is not None:  # the persistent tokens belong to the first document of the row
+        prefix = self.prefix
+        if segment_ids is not None and prefix:  # the persistent tokens belong to the first document of the row
             segment_ids = jnp.concatenate([jnp.repeat(segment_ids[:, :1], prefix, axis=1), segment_ids], axis=1)
         x = self._with_persistent(self._embed(tokens))
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
@@ -284,20 +421,31 @@ class Titans(nnx.Module):
         return self._logits(x[:, prefix:]), {}
 
     def init_cache(self, batch_size: int, max_len: int = 0, dtype: jnp.dtype = jnp.float32) -> dict[str, Any]:
-        """Per-layer memory state (stacked along `layers`) after the persistent tokens, and for mag/mal a key/value
-        cache of N_p + `max_len` slots (`max_len` is then required: the most tokens `decode` will be given)."""
-        blocks = self.layers.blocks
+        """Per-layer memory state (stacked along `layers`) after the persistent tokens; for mag/mal a key/value
+        cache of N_p + `max_len` slots (`max_len` is then required: the most tokens `decode` will be given); for
+        mac the memory as the current segment found it, the read queries' conv history and the segment's keys and
+        values (no `max_len` needed)."""
+        cfg, blocks = self.cfg, self.layers.blocks
         layers = blocks.mixer.init_cache(batch_size)  # parameters stacked on `layers`: so is this
-        if self.cfg.variant in ATTENTION_VARIANTS:
+        if cfg.variant == "mac":
+            attn, mixer = blocks.attn, blocks.mixer
+            kv = jnp.zeros((cfg.num_layers, batch_size, 2 * cfg.segment, attn.num_kv_heads, attn.head_dim), dtype)
+            conv = jnp.zeros((cfg.num_layers, batch_size, cfg.conv_size - 1, 1, mixer.num_heads, mixer.head_dim))
+            read = {"conv": conv, "weights": layers["weights"]}
+            return {
+                "index": jnp.zeros((), jnp.int32),
+                "layers": {"memory": layers, "read": read, "attn": {"k": kv, "v": kv}},
+            }
+        if cfg.variant in ATTENTION_VARIANTS:
             if max_len <= 0:
-                raise ValueError(f"init_cache: Titans variant {self.cfg.variant!r} needs max_len > 0, got {max_len}")
+                raise ValueError(f"init_cache: Titans variant {cfg.variant!r} needs max_len > 0, got {max_len}")
             attn = blocks.attn
-            shape = (self.cfg.num_layers, batch_size, self.cfg.num_persistent + max_len, attn.num_kv_heads)
+            shape = (cfg.num_layers, batch_size, cfg.num_persistent + max_len, attn.num_kv_heads)
             kv = jnp.zeros((*shape, attn.head_dim), dtype)
             layers = {"memory": layers, "attn": {"k": kv, "v": kv}}
         cache = {"index": jnp.zeros((), jnp.int32), "layers": layers}
-        if self.cfg.num_persistent:
-            empty = jnp.zeros((batch_size, 0, self.cfg.d_model), self.embed[...].dtype)
+        if self.prefix:
+            empty = jnp.zeros((batch_size, 0, cfg.d_model), self.embed[...].dtype)
             cache = self._decode_embedded(self._with_persistent(empty), cache)[1]
         return cache
 

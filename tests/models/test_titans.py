@@ -50,6 +50,8 @@ def _tokens(shape, seed=1):
         ({"memory_depth": 2, "num_persistent": 0}, [6, 5]),
         ({"variant": "mag", "window": 4}, [1] * 11),
         ({"variant": "mal", "window": 4}, [3, 8]),
+        ({"variant": "mac", "segment": 4}, [1] * 11),  # segments of whole memory chunks
+        ({"variant": "mac", "segment": 3, "memory_depth": 2}, [5, 6]),  # chunks straddle segments
     ],
 )
 def test_decode_matches_parallel(overrides, pieces):
@@ -101,6 +103,36 @@ def test_attention_variants_see_far_tokens_only_through_the_memory(variant):
     np.testing.assert_allclose(_forward(model, a)[:, 10], _forward(model, b)[:, 10], atol=1e-6, rtol=0)
 
 
+def test_segment_mask_sees_the_prefix_and_the_reads_and_tokens_up_to_now():
+    size, prefix = 4, 2
+    q_index = jnp.arange(size)[None]
+    segments = jnp.array([[1, 1, 2, 2]])
+    mask = np.asarray(titans.segment_mask(q_index, size=size, prefix=prefix, q_segments=segments, k_segments=segments))
+    assert mask.shape == (1, size, prefix + 2 * size)
+    for i in range(size):
+        for key in range(prefix + 2 * size):
+            j = (key - prefix) % size  # the token a read (prefix..prefix+size) or a token slot belongs to
+            want = key < prefix or (j <= i and segments[0, i] == segments[0, j])
+            assert mask[0, i, key] == want, (i, key)
+
+
+def test_mac_reaches_earlier_segments_only_through_the_memory():
+    """Segments of 4: token 0 is outside the segment of position 10 (and beyond the conv's 3 taps), so it reaches it
+    only through the memory (the read at the segment start, and the stored attention outputs). Freezing the memory
+    (θ = α = 0: M_t = M_0) must remove that influence; later tokens never change earlier logits."""
+    model = _model(variant="mac", segment=4)
+    a = _tokens((1, 11))
+    b = a.at[:, 0].set((a[:, 0] + 7) % 64)
+    la, lb = _forward(model, a), _forward(model, b)
+    assert float(jnp.max(jnp.abs(la[:, 10] - lb[:, 10]))) > 1e-5
+    c = a.at[:, 6:].set((a[:, 6:] + 3) % 64)
+    np.testing.assert_array_equal(_forward(model, c)[:, :6], la[:, :6])
+    bias = model.layers.blocks.mixer.b_gates
+    bias[...] = bias[...].at[:, 0].set(-1e4).at[:, 2].set(-1e4)  # θ = α = sigmoid(-1e4) = 0
+    np.testing.assert_allclose(_forward(model, a)[:, 10], _forward(model, b)[:, 10], atol=1e-6, rtol=0)
+    assert float(jnp.max(jnp.abs(_forward(model, a)[:, 2] - _forward(model, b)[:, 2]))) > 1e-5  # same segment
+
+
 def test_unrolled_equals_scanned():
     tokens = _tokens((2, 9))
     scanned, unrolled = _model(), _model(scan_layers=False)
@@ -119,9 +151,7 @@ def test_bfloat16_parameters_keep_the_memory_in_float32():
 
 
 # mag/mal compile two more sharded steps (about 1 min each on the 2-core CI machine): `slow`, run with -m slow.
-@pytest.mark.parametrize(
-    "variant", ["lmm", pytest.param("mag", marks=pytest.mark.slow), pytest.param("mal", marks=pytest.mark.slow)]
-)
+@pytest.mark.parametrize("variant", ["lmm", *(pytest.param(v, marks=pytest.mark.slow) for v in ("mac", "mag", "mal"))])
 def test_train_step_on_data_2_tensor_2_equals_one_device(variant):
     # mag/mal at lr 1e-3: Adam's first step is about lr per element wherever the gradient is tiny, so
     # reduction-order noise there shows up scaled by lr (at 1e-2, one wq element of mal differed by 5.8e-5)
@@ -191,6 +221,7 @@ def test_parameter_names_and_axes_are_pinned():
         ({"memory_heads": 3}, {}, "model.memory_heads"),
         ({"variant": "mag", "num_kv_heads": 3}, {}, "model.num_kv_heads"),
         ({"variant": "mal", "window": 0}, {}, "model.window"),
+        ({"variant": "mac", "segment": 0}, {}, "model.segment"),
         ({}, {"sequence": 2, "data": -1}, "mesh.sequence"),
     ],
 )
@@ -200,10 +231,9 @@ def test_bad_configs_name_the_field(model, mesh, field):
     assert error.value.field == field
 
 
-# lmm-tiny runs by default; mag/mal-tiny (about a minute each on CI's 2 cores) are `slow`: run with -m slow.
+# lmm-tiny runs by default; mac/mag/mal-tiny (about a minute each on CI's 2 cores) are `slow`: run with -m slow.
 @pytest.mark.parametrize(
-    "preset",
-    ["lmm-tiny", pytest.param("mag-tiny", marks=pytest.mark.slow), pytest.param("mal-tiny", marks=pytest.mark.slow)],
+    "preset", ["lmm-tiny", *(pytest.param(f"{v}-tiny", marks=pytest.mark.slow) for v in ("mac", "mag", "mal"))]
 )
 def test_tiny_preset_trains_through_main(tmp_path, preset):
     result = run_main(
