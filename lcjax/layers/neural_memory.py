@@ -26,6 +26,8 @@ with scalar coefficients from two associative scans over the chunk (no division,
 Retrieval is then a causally masked, coefficient-weighted "attention" per layer,
 z_t^l = a_t g_t W_0^l + b_t g_t S_0^l + Σ_i Γ_(t,i) (g_t · h_i^(l−1)) δ_i^l with g the layer input of the query,
 so the weights of every position are never materialized: a `lax.scan` over chunks carries only (W_ref, M, S).
+The per-chunk step itself is `kernels_pallas.titans_memory.chunk_step`, which the fused Pallas kernel of that module
+runs too (`impl`).
 `memory_scan_reference` is the per-token `lax.scan` of the same recurrence with `jax.grad` (the oracle).
 """
 
@@ -39,10 +41,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels_pallas import titans_memory
 from lcjax.layers.params import normal, ones, param
 from lcjax.parallel.sharding import constrain
 
 Weights = list[jax.Array]
+IMPLS = (
+    "xla",
+    "pallas",
+    "interpret",
+    "auto",
+)  # the chunk scan: XLA, or the fused kernel (kernels_pallas.titans_memory)
 
 
 def memory_read(weights: Sequence[jax.Array], x: jax.Array) -> jax.Array:
@@ -50,7 +59,7 @@ def memory_read(weights: Sequence[jax.Array], x: jax.Array) -> jax.Array:
     return _layers(weights, x)[1][-1]
 
 
-@functools.partial(jax.jit, static_argnames="chunk_size")
+@functools.partial(jax.jit, static_argnames=("chunk_size", "impl"))
 def memory_scan(
     init_weights: Sequence[jax.Array],
     q: jax.Array,
@@ -62,6 +71,7 @@ def memory_scan(
     *,
     chunk_size: int,
     initial_momentum: Sequence[jax.Array] | None = None,
+    impl: str = "xla",
 ) -> tuple[jax.Array, tuple[Weights, Weights]]:
     """Stores (k_t, v_t) and retrieves y_t = M_t(q_t) for every token, chunk-parallel (see the module docstring).
 
@@ -73,6 +83,8 @@ def memory_scan(
       lr, momentum, decay: θ, η, α as `[batch, heads, length]`.
       chunk_size: tokens per chunk (gradients at the chunk-start memory); need not divide the length.
       initial_momentum: S_0 with the layout of `init_weights` (zeros when None).
+      impl: "xla" (a `lax.scan` over chunks) or the fused Pallas kernel, "pallas" | "interpret" | "auto" (see
+        `kernels_pallas.titans_memory`; the kernel runs float32 inputs, anything else takes the scan).
 
     Returns:
       y `[batch, heads, length, value_dim]` and the final `(weights, momentum)`, each `[batch, heads, d_in, d_out]`
@@ -82,7 +94,7 @@ def memory_scan(
     """
     weights0, momentum0 = _initial_state(init_weights, initial_momentum, q)
     y, (_, weights, momentum_state) = memory_scan_from(
-        (weights0, weights0, momentum0), q, k, v, lr, momentum, decay, chunk_size=chunk_size, offset=0
+        (weights0, weights0, momentum0), q, k, v, lr, momentum, decay, chunk_size=chunk_size, offset=0, impl=impl
     )
     return y, (weights, momentum_state)
 
@@ -98,10 +110,14 @@ def memory_scan_from(
     *,
     chunk_size: int,
     offset: int | jax.Array,
+    impl: str = "xla",
 ) -> tuple[jax.Array, tuple[Weights, Weights, Weights]]:
     """`memory_scan` continuing a chunk: `state = (W_ref, M, S)` with `offset` tokens of the current chunk done.
 
     The first `chunk_size − offset` tokens take their gradients at W_ref, later chunks at their own start memory.
+    At a static `offset` of 0 a fresh chunk starts at M (W_ref is not read) and `impl` picks the chunk scan: "xla"
+    (a `lax.scan`), "pallas" | "interpret" | "auto" (`kernels_pallas.titans_memory`, which falls back to the scan
+    where it cannot run, e.g. float64); a traced or nonzero offset always takes the scan.
     Returns y and the state after the last token, whose W_ref is the start memory of the chunk that is still
     open (M itself when the tokens end on a chunk boundary). All state arrays are `[batch, heads, d_in, d_out]`.
     `offset` may be traced (streaming decode): the tokens are then placed in a buffer long enough for any offset.
@@ -134,22 +150,33 @@ def memory_scan_from(
     coeffs = _chunk_coefficients(chunked(lr), chunked(momentum, 1.0), chunked(decay), valid)
     xs = (chunked(q), chunked(k), chunked(v), coeffs, jnp.arange(num_chunks))
     ref0, weights0, momentum0 = state
-    open_chunk = end // chunk_size  # the chunk the next token falls in
+    if static_offset and offset == 0:  # a fresh chunk (W_ref = M): the fused kernel's case
+        if impl not in IMPLS:
+            raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
+        kernel_impl = "reference" if impl == "xla" else impl
+        y, (weights, momentum_state), (starts, _) = titans_memory.memory_chunks(
+            weights0, momentum0, *xs[:3], *coeffs, impl=kernel_impl
+        )
+        # A chunk boundary after the last token opens a fresh chunk, whose reference is the final memory.
+        ref = weights if end % chunk_size == 0 else [s[-1] for s in starts]
+    else:
+        open_chunk = end // chunk_size  # the chunk the next token falls in
 
-    def body(carry, inputs):
-        ref, weights, momentum_state, open_ref = carry
-        q_c, k_c, v_c, coeff, index = inputs
-        ref = _select(index == 0, ref, weights)
-        open_ref = _select(index == open_chunk, ref, open_ref)
-        y_c, weights, momentum_state = _chunk(ref, weights, momentum_state, q_c, k_c, v_c, coeff)
-        return (ref, weights, momentum_state, open_ref), y_c
+        def body(carry, inputs):
+            ref, weights, momentum_state, open_ref = carry
+            q_c, k_c, v_c, (gamma, cols), index = inputs
+            ref = _select(index == 0, ref, weights)
+            open_ref = _select(index == open_chunk, ref, open_ref)
+            y_c, weights, momentum_state = titans_memory.chunk_step(
+                weights, momentum_state, q_c, k_c, v_c, gamma, cols, ref=ref
+            )
+            return (ref, weights, momentum_state, open_ref), y_c
 
-    carry = (ref0, weights0, momentum0, ref0)
-    (_, weights, momentum_state, open_ref), y = jax.lax.scan(body, carry, xs)
+        carry = (ref0, weights0, momentum0, ref0)
+        (_, weights, momentum_state, open_ref), y = jax.lax.scan(body, carry, xs)
+        ref = _select(end % chunk_size == 0, weights, open_ref)
     y = jnp.moveaxis(y, 0, 2).reshape(batch, heads, num_chunks * chunk_size, -1)
     y = jax.lax.dynamic_slice_in_dim(y, offset, length, axis=2)
-    # A chunk boundary after the last token opens a fresh chunk, whose reference is the final memory.
-    ref = _select(end % chunk_size == 0, weights, open_ref)
     return y, (ref, weights, momentum_state)
 
 
@@ -237,16 +264,12 @@ def _layers(weights, x):
     return inputs, pre
 
 
-def _silu_grad(z):
-    sig = jax.nn.sigmoid(z)
-    return sig * (1 + z * (1 - sig))
-
-
 def _chunk_coefficients(lr, momentum, decay, valid):
     """Scalar coefficients of one chunk's state in terms of (u_i, S_0, M_0), from two associative scans.
 
-    Inputs `[..., chunk]`. Returns (gamma `[..., chunk, chunk]` for M_t in u_i, b `[..., chunk]` for M_t in S_0,
-    a `[..., chunk]` for M_t in M_0, sigma `[..., chunk]` for the chunk-end S in u_i, e `[...]` for it in S_0).
+    Inputs `[..., chunk]`. Returns gamma `[..., chunk, chunk]` (M_t in u_i) and the columns of
+    `kernels_pallas.titans_memory.pack_columns`: a (M_t in M_0), b (M_t in S_0), sigma (the chunk-end S in u_i) and
+    e (it in S_0).
     """
     size = lr.shape[-1]
     eye = jnp.eye(size, dtype=lr.dtype)
@@ -261,35 +284,8 @@ def _chunk_coefficients(lr, momentum, decay, valid):
     # M_t = (1 − α_t) M_(t−1) + S_t on valid tokens; columns: u_1..u_c, S_0, then M_0.
     x_m = jnp.concatenate([valid[..., None] * s, ((1 - decay) * first)[..., None]], axis=-1)
     _, m = jax.lax.associative_scan(linear, ((1 - decay)[..., None], x_m), axis=-2)
-    return m[..., :size], m[..., size], m[..., size + 1], s[..., -1, :size], s[..., -1, size]
-
-
-def _chunk(ref, weights, momentum_state, q, k, v, coeffs):
-    """One chunk in dual form: gradients at `ref`, state (weights, momentum_state) at the chunk start."""
-    gamma, b, a, sigma, e = coeffs
-    inputs, pre = _layers(ref, k)
-    errors = [2 * (pre[-1] - v)]  # δ^L = ∂‖z^L − v‖² / ∂z^L
-    for layer in range(len(ref) - 1, 0, -1):
-        errors.insert(0, (errors[0] @ jnp.swapaxes(ref[layer], -1, -2)) * _silu_grad(pre[layer - 1]))
-
-    g = q
-    for layer, (w, s, h, delta) in enumerate(zip(weights, momentum_state, inputs, errors, strict=True)):
-        scores = gamma * jnp.einsum("bhtd,bhid->bhti", g, h)
-        z = a[..., None] * (g @ w) + b[..., None] * (g @ s) + scores @ delta
-        g = jax.nn.silu(z) if layer < len(weights) - 1 else z
-
-    def outer(coeff, h, delta):  # Σ_i coeff_i h_iᵀ δ_i
-        return jnp.swapaxes(coeff[..., None] * h, -1, -2) @ delta
-
-    new_weights = [
-        a[..., -1, None, None] * w + b[..., -1, None, None] * s + outer(gamma[..., -1, :], h, delta)
-        for w, s, h, delta in zip(weights, momentum_state, inputs, errors, strict=True)
-    ]
-    new_momentum = [
-        e[..., None, None] * s + outer(sigma, h, delta)
-        for s, h, delta in zip(momentum_state, inputs, errors, strict=True)
-    ]
-    return g, new_weights, new_momentum
+    gamma = m[..., :size]
+    return gamma, titans_memory.pack_columns(gamma, m[..., size + 1], m[..., size], s[..., -1, :size], s[..., -1, size])
 
 
 class NeuralMemory(nnx.Module):
@@ -301,8 +297,9 @@ class NeuralMemory(nnx.Module):
       θ_t = max_lr · σ(x_t w_θ + b_θ), η_t = σ(x_t w_η + b_η), α_t = σ(x_t w_α + b_α)   (per token and head);
       y = memory_scan(M_0, q, k, v, θ, η, α) with a learned initial memory M_0 per head;
       out = (RMSNorm(y) ⊙ silu(x W_g)) W_o.
-    The memory recurrence runs in float32 whatever the compute dtype. It runs across packed-document boundaries
-    (only the convolution restarts at a new `segment_id`): train the memory on unpacked rows where that matters.
+    The memory recurrence runs in float32 whatever the compute dtype; `impl` picks its chunk scan (`IMPLS`). It runs
+    across packed-document boundaries (only the convolution restarts at a new `segment_id`): train the memory on
+    unpacked rows where that matters.
     """
 
     def __init__(
@@ -319,9 +316,12 @@ class NeuralMemory(nnx.Module):
         init_std: float,
         out_std: float,
         rngs: nnx.Rngs,
+        impl: str = "xla",
     ):
+        if impl not in IMPLS:
+            raise ValueError(f"NeuralMemory: impl={impl!r}; expected one of {IMPLS}")
         self.num_heads, self.head_dim, self.chunk_size, self.conv_size = num_heads, head_dim, chunk_size, conv_size
-        self.max_lr = max_lr
+        self.max_lr, self.impl = max_lr, impl
         self.w_qkv = param(
             rngs, (d_model, 3, num_heads, head_dim), ("embed", None, "heads", "head_dim"), normal(init_std)
         )
@@ -432,7 +432,9 @@ class NeuralMemory(nnx.Module):
             jax.nn.sigmoid(gates[:, 1]),
             jax.nn.sigmoid(gates[:, 2]),
         )
-        y, new_state = memory_scan_from(state, q, k, v, lr, momentum, decay, chunk_size=self.chunk_size, offset=offset)
+        y, new_state = memory_scan_from(
+            state, q, k, v, lr, momentum, decay, chunk_size=self.chunk_size, offset=offset, impl=self.impl
+        )
         return self._output(y, x), (history, new_state)
 
 

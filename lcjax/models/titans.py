@@ -42,6 +42,7 @@ from flax import nnx
 from lcjax.errors import ConfigError
 from lcjax.layers.attention import AttentionConfig, SelfAttention, dot_product_attention
 from lcjax.layers.mlp import SwiGLU
+from lcjax.layers.neural_memory import IMPLS as MEMORY_IMPLS
 from lcjax.layers.neural_memory import NeuralMemory
 from lcjax.layers.norms import RMSNorm
 from lcjax.layers.params import normal, param
@@ -71,6 +72,9 @@ class TitansConfig:
     # θ = max_lr * sigmoid(...). 0: 1 / chunk_size, so that a chunk of identical keys (all its gradients taken at
     # the chunk start, e.g. a run of spaces) cannot overshoot: 2θ * chunk_size <= 2. Larger values diverge on text.
     memory_max_lr: float = 0.0
+    # The memory's chunk scan: xla (lax.scan) | pallas (the fused kernel of kernels_pallas/titans_memory.py: Mosaic on
+    # TPU, Triton on GPU, interpret mode on CPU) | auto (the kernel on TPU/GPU, xla on CPU) | interpret.
+    memory_impl: str = "xla"
     # Learned persistent-memory tokens: prepended to the sequence (lmm/mag/mal), or per layer to every segment's
     # attention context (mac).
     num_persistent: int = 4
@@ -132,6 +136,8 @@ class TitansConfig:
             raise ConfigError("model.d_model", f"={self.d_model} must be divisible by mesh.fsdp={mesh['fsdp']}")
         if mesh["sequence"] > 1:
             raise ConfigError("mesh.sequence", "Titans' memory is sequential over the sequence; use mesh.sequence=1")
+        if self.memory_impl not in MEMORY_IMPLS:
+            raise ConfigError("model.memory_impl", f"={self.memory_impl!r}; expected one of {list(MEMORY_IMPLS)}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError("model.remat", f"={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
 
@@ -235,6 +241,7 @@ class Block(nnx.Module):
             init_std=cfg.init_std,
             out_std=out_std,
             rngs=rngs,
+            impl=cfg.memory_impl,
         )
         if cfg.variant in ATTENTION_VARIANTS:  # mac's attention is segment-local: the window does not apply
             self.attn = WindowAttention(cfg, out_std=out_std, rngs=rngs)

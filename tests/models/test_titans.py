@@ -133,6 +133,15 @@ def test_mac_reaches_earlier_segments_only_through_the_memory():
     assert float(jnp.max(jnp.abs(_forward(model, a)[:, 2] - _forward(model, b)[:, 2]))) > 1e-5  # same segment
 
 
+@pytest.mark.parametrize("variant", ["lmm", "mac"])
+def test_memory_kernel_in_interpret_mode_gives_the_xla_logits(variant):
+    """model.memory_impl=interpret runs kernels_pallas/titans_memory.py (mac: once per segment, inside its scan)."""
+    tokens = _tokens((2, 10))
+    xla = _forward(_model(variant=variant, segment=4), tokens)
+    kernel = _forward(_model(variant=variant, segment=4, memory_impl="interpret"), tokens)
+    np.testing.assert_allclose(kernel, xla, atol=2e-5, rtol=0)
+
+
 def test_unrolled_equals_scanned():
     tokens = _tokens((2, 9))
     scanned, unrolled = _model(), _model(scan_layers=False)
@@ -222,6 +231,7 @@ def test_parameter_names_and_axes_are_pinned():
         ({"variant": "mag", "num_kv_heads": 3}, {}, "model.num_kv_heads"),
         ({"variant": "mal", "window": 0}, {}, "model.window"),
         ({"variant": "mac", "segment": 0}, {}, "model.segment"),
+        ({"memory_impl": "triton"}, {}, "model.memory_impl"),
         ({}, {"sequence": 2, "data": -1}, "mesh.sequence"),
     ],
 )

@@ -1,0 +1,147 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas import common, titans_memory
+from lcjax.layers.neural_memory import memory_scan
+
+
+def _inputs(depth, chunks=4, batch=2, heads=2, size=4, dim=8, seed=0, dtype=jnp.float32):
+    keys = jax.random.split(jax.random.key(seed), 10)
+    q, k, v = (0.5 * jax.random.normal(keys[i], (chunks, batch, heads, size, dim)) for i in range(3))
+    gamma = 0.1 * jnp.tril(jax.random.uniform(keys[3], (chunks, batch, heads, size, size)))
+    a, b, sigma = (jax.random.uniform(keys[4 + i], (chunks, batch, heads, size)) for i in range(3))
+    cols = titans_memory.pack_columns(gamma, a, b, sigma, jax.random.uniform(keys[7], (chunks, batch, heads)))
+    widths = [dim] + [2 * dim] * (depth - 1) + [dim]
+    weights = [
+        jax.random.normal(jax.random.fold_in(keys[8], i), (batch, heads, d_in, d_out)) * d_in**-0.5
+        for i, (d_in, d_out) in enumerate(zip(widths[:-1], widths[1:], strict=True))
+    ]
+    momentum = [0.1 * jax.random.normal(jax.random.fold_in(keys[9], i), w.shape) for i, w in enumerate(weights)]
+    cast = lambda x: jax.tree.map(lambda a: a.astype(dtype), x)
+    return cast(weights), cast(momentum), *cast((q, k, v, gamma, cols))
+
+
+def _loss(impl, chunks_per_block=0):
+    """Touches every output (y, the final state and the chunk-start states), so every cotangent path is checked."""
+
+    def loss(weights, momentum, q, k, v, gamma, cols):
+        y, final, starts = titans_memory.memory_chunks(
+            weights, momentum, q, k, v, gamma, cols, impl=impl, chunks_per_block=chunks_per_block
+        )
+        total = jnp.sum(jnp.sin(y))
+        total += sum(jnp.sum(jnp.cos(x)) for x in jax.tree.leaves(final))
+        return total + 0.1 * sum(jnp.sum(x**2) for x in jax.tree.leaves(starts))
+
+    return loss
+
+
+@pytest.mark.parametrize("depth,chunks_per_block", [(1, 0), (1, 1), (2, 2)])
+def test_interpret_matches_reference_forward_and_gradients(depth, chunks_per_block):
+    """chunks_per_block < chunks: the state crosses grid steps (resident output blocks) forward and backward."""
+    args = _inputs(depth)
+    want = titans_memory.reference(*args)
+    got = titans_memory.memory_chunks(*args, impl="interpret", chunks_per_block=chunks_per_block)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+    grads = jax.grad(_loss("interpret", chunks_per_block), argnums=tuple(range(7)))(*args)
+    grads_ref = jax.grad(_loss("reference"), argnums=tuple(range(7)))(*args)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
+        scale = float(jnp.max(jnp.abs(w)))
+        assert scale > 0
+        np.testing.assert_allclose(g, w, atol=2e-6 * scale, rtol=0)
+
+
+def test_memory_scan_through_the_kernel_equals_the_xla_scan():
+    """The layer's entry point, a length that is not a multiple of the chunk (padded chunk), gradients to the gates."""
+    batch, heads, length, dim, chunk = 2, 2, 11, 8, 4
+    keys = jax.random.split(jax.random.key(3), 7)
+    q, k, v = (jax.random.normal(keys[i], (batch, heads, length, dim)) for i in range(3))
+    q, k = (x / jnp.linalg.norm(x, axis=-1, keepdims=True) for x in (q, k))
+    lr, momentum, decay = (
+        0.3 * jax.nn.sigmoid(jax.random.normal(keys[3 + i], (batch, heads, length))) for i in range(3)
+    )
+    init = [jax.random.normal(keys[6], (heads, dim, 2 * dim)) / 3, jnp.eye(2 * dim, dim)[None].repeat(heads, 0) / 2]
+
+    def loss(impl):
+        def f(init, q, k, v, lr, momentum, decay):
+            y, (weights, surprise) = memory_scan(init, q, k, v, lr, momentum, decay, chunk_size=chunk, impl=impl)
+            return jnp.sum(jnp.sin(y)) + sum(jnp.sum(w**2) for w in weights + surprise)
+
+        return f
+
+    args = (init, q, k, v, lr, momentum, decay)
+    np.testing.assert_allclose(loss("interpret")(*args), loss("xla")(*args), rtol=1e-6)
+    grads = jax.grad(loss("interpret"), argnums=tuple(range(7)))(*args)
+    grads_ref = jax.grad(loss("xla"), argnums=tuple(range(7)))(*args)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
+        np.testing.assert_allclose(g, w, atol=2e-6 * float(jnp.max(jnp.abs(w))), rtol=0)
+
+
+def _abstract(depth, chunks=8, size=64, dim=64):
+    widths = [dim] + [2 * dim] * (depth - 1) + [dim]
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    weights = [f32(1, 2, d_in, d_out) for d_in, d_out in zip(widths[:-1], widths[1:], strict=True)]
+    x = f32(chunks, 1, 2, size, dim)
+    return [*weights, *weights, x, x, x, f32(chunks, 1, 2, size, size), f32(chunks, 1, 2, size, 8)]
+
+
+def _fwd_bwd(depth):
+    def fn(*args):
+        weights, momentum = list(args[:depth]), list(args[depth : 2 * depth])
+        q, k, v, gamma, cols = args[2 * depth :]
+
+        def loss(weights, momentum, q, k, v, gamma, cols):
+            y, (final, _), _ = titans_memory.memory_chunks(weights, momentum, q, k, v, gamma, cols, impl="pallas")
+            return jnp.sum(y) + sum(jnp.sum(w) for w in final)
+
+        return jax.grad(loss, argnums=tuple(range(7)))(weights, momentum, q, k, v, gamma, cols)
+
+    return fn
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_tpu_kernels_compile_with_mosaic_for_v5e(depth):
+    pytest.importorskip("libtpu")
+    compiled = common.compile_for_tpu(_fwd_bwd(depth), _abstract(depth), "v5e:2x2")
+    assert compiled.as_text().count('custom_call_target="tpu_custom_call"') == 2  # forward and backward kernels
+
+
+def test_gpu_kernels_lower_to_triton_for_cuda():
+    text = common.lower_for(_fwd_bwd(2), _abstract(2, size=32, dim=32), ("cuda",)).as_text()
+    assert text.count("custom_call @__gpu$xla.gpu.triton") == 2
+
+
+def test_float64_falls_back_to_the_reference_and_says_so_once(caplog, monkeypatch):
+    monkeypatch.setattr(common, "_said", set())
+    jax.config.update("jax_enable_x64", True)
+    try:
+        args = _inputs(1, dtype=jnp.float64)
+        with caplog.at_level("INFO"):
+            got = titans_memory.memory_chunks(*args, impl="interpret")
+            titans_memory.memory_chunks(*args, impl="interpret")
+        want = titans_memory.reference(*args)
+        assert got[0].dtype == jnp.float64
+        np.testing.assert_array_equal(got[0], want[0])
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    lines = [r.getMessage() for r in caplog.records if "titans_memory" in r.getMessage()]
+    assert len(lines) == 1 and "float32" in lines[0], lines
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda a: (a[0], a[1][:0], *a[2:]), "momentum layers"),
+        (lambda a: (*a[:3], a[3][..., :4], *a[4:]), "q (4, 2, 2, 4, 8)"),
+        (lambda a: (*a[:4], a[4][..., :4], *a[5:]), "width 8 but v has 4"),
+        (lambda a: (*a[:5], a[5][..., :2], a[6]), "gamma"),
+        (lambda a: ([a[0][0][..., :4, :]], *a[1:]), "layer 0 weights"),
+    ],
+)
+def test_bad_inputs_say_what_was_expected(change, message):
+    with pytest.raises(ValueError, match="titans_memory") as error:
+        titans_memory.memory_chunks(*change(_inputs(1)), impl="interpret")
+    assert message in str(error.value)
