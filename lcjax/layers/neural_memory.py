@@ -46,12 +46,10 @@ from lcjax.layers.params import normal, ones, param
 from lcjax.parallel.sharding import constrain
 
 Weights = list[jax.Array]
-IMPLS = (
-    "xla",
-    "pallas",
-    "interpret",
-    "auto",
-)  # the chunk scan: XLA, or the fused kernel (kernels_pallas.titans_memory)
+# The chunk scan: XLA, or the fused kernel (kernels_pallas.titans_memory).
+IMPLS = ("xla", "pallas", "interpret", "auto")
+# θ, η, α per token, or per chunk (those of the chunk's first token).
+GATES = ("token", "chunk")
 
 
 def memory_read(weights: Sequence[jax.Array], x: jax.Array) -> jax.Array:
@@ -294,7 +292,9 @@ class NeuralMemory(nnx.Module):
     For x `[batch, length, d_model]`, per memory head:
       q, k, v = silu(conv(x W_q)), silu(conv(x W_k)), silu(conv(x W_v)), q and k ℓ2-normalized
         (conv: causal depthwise over time, `conv_size` taps);
-      θ_t = max_lr · σ(x_t w_θ + b_θ), η_t = σ(x_t w_η + b_η), α_t = σ(x_t w_α + b_α)   (per token and head);
+      θ_t = max_lr · σ(x_t w_θ + b_θ), η_t = σ(x_t w_η + b_η), α_t = σ(x_t w_α + b_α)   (per token and head;
+        `gates="chunk"`: constant in each chunk, those of its first token, which keeps them causal — the paper's
+        per-chunk option of §3.2);
       y = memory_scan(M_0, q, k, v, θ, η, α) with a learned initial memory M_0 per head;
       out = (RMSNorm(y) ⊙ silu(x W_g)) W_o.
     The memory recurrence runs in float32 whatever the compute dtype; `impl` picks its chunk scan (`IMPLS`). It runs
@@ -317,9 +317,13 @@ class NeuralMemory(nnx.Module):
         out_std: float,
         rngs: nnx.Rngs,
         impl: str = "xla",
+        gates: str = "token",
     ):
         if impl not in IMPLS:
             raise ValueError(f"NeuralMemory: impl={impl!r}; expected one of {IMPLS}")
+        if gates not in GATES:
+            raise ValueError(f"NeuralMemory: gates={gates!r}; expected one of {GATES}")
+        self.gates = gates
         self.num_heads, self.head_dim, self.chunk_size, self.conv_size = num_heads, head_dim, chunk_size, conv_size
         self.max_lr, self.impl = max_lr, impl
         self.w_qkv = param(
@@ -357,15 +361,26 @@ class NeuralMemory(nnx.Module):
         ref, weights, momentum = self._initial_state(batch_size)
         history = jnp.zeros((*lead, batch_size, self.conv_size - 1, 3, self.num_heads, self.head_dim), jnp.float32)
         offset = jnp.zeros(lead, jnp.int32)
-        return {"conv": history, "ref": ref, "weights": weights, "momentum": momentum, "offset": offset}
+        gates = jnp.zeros((*lead, batch_size, 3, self.num_heads), jnp.float32)  # the open chunk's (gates="chunk")
+        return {
+            "conv": history,
+            "ref": ref,
+            "weights": weights,
+            "momentum": momentum,
+            "offset": offset,
+            "gates": gates,
+        }
 
     def step(self, x: jax.Array, cache: dict[str, Any]) -> tuple[jax.Array, dict[str, Any]]:
         """Recurrent form: consumes x `[batch, n, d_model]` (n >= 1) after the cached tokens."""
         state = (cache["ref"], cache["weights"], cache["momentum"])
-        y, (history, (ref, weights, momentum)) = self._run(x, cache["conv"].astype(x.dtype), state, cache["offset"])
+        history = cache["conv"].astype(x.dtype)
+        y, (history, (ref, weights, momentum), gates) = self._run(
+            x, history, state, cache["offset"], chunk_gates=cache["gates"]
+        )
         offset = (cache["offset"] + x.shape[1]) % self.chunk_size
         new = {"conv": history.astype(cache["conv"].dtype), "ref": ref, "weights": weights, "momentum": momentum}
-        return y, {**new, "offset": offset}
+        return y, {**new, "offset": offset, "gates": gates}
 
     def _initial_state(self, batch_size):
         """M_0 for every batch element: `[..., batch, heads, d_in, d_out]` per memory layer, float32 (the memory's
@@ -423,10 +438,25 @@ class NeuralMemory(nnx.Module):
         heads, d_in, d_out]` per layer); x is the input the queries came from (it drives the output gate)."""
         return self._output(memory_read(weights, q), x)
 
-    def _run(self, x, history, state, offset, segment_ids=None, history_segments=None):
+    def _gate_logits(self, x, offset, chunk_gates):
+        """Pre-sigmoid θ, η, α `[batch, 3, heads, n]` for x `[batch, n, d_model]` after `offset` tokens of a chunk,
+        and those of the chunk still open after x. gates="chunk": every token takes its chunk's first token's
+        logits; `chunk_gates` `[batch, 3, heads]` are those of a chunk opened before x (zeros: none)."""
+        gates = jnp.einsum("btd,dsh->bsht", x.astype(jnp.float32), self.w_gates[...]) + self.b_gates[...][..., None]
+        if chunk_gates is None:
+            chunk_gates = jnp.zeros(gates.shape[:-1], gates.dtype)
+        if self.gates == "chunk":
+            # index in x of each token's chunk start (negative: the chunk opened before x)
+            start = (offset + jnp.arange(x.shape[1])) // self.chunk_size * self.chunk_size - offset
+            taken = jnp.take(gates, jnp.maximum(start, 0), axis=-1)
+            gates = jnp.where(start >= 0, taken, chunk_gates[..., None])
+            chunk_gates = gates[..., -1]
+        return gates, chunk_gates
+
+    def _run(self, x, history, state, offset, segment_ids=None, history_segments=None, chunk_gates=None):
         mixed, history = self._convolve(x, history, slice(0, 3), segment_ids, history_segments)
         q, k, v = (self._heads_first(mixed[:, :, i], normalize=i < 2) for i in range(3))
-        gates = jnp.einsum("btd,dsh->bsht", x.astype(jnp.float32), self.w_gates[...]) + self.b_gates[...][..., None]
+        gates, chunk_gates = self._gate_logits(x, offset, chunk_gates)
         lr, momentum, decay = (
             self.max_lr * jax.nn.sigmoid(gates[:, 0]),
             jax.nn.sigmoid(gates[:, 1]),
@@ -435,7 +465,7 @@ class NeuralMemory(nnx.Module):
         y, new_state = memory_scan_from(
             state, q, k, v, lr, momentum, decay, chunk_size=self.chunk_size, offset=offset, impl=self.impl
         )
-        return self._output(y, x), (history, new_state)
+        return self._output(y, x), (history, new_state, chunk_gates)
 
 
 def _identity_tap(key, shape, dtype):

@@ -42,6 +42,7 @@ from flax import nnx
 from lcjax.errors import ConfigError
 from lcjax.layers.attention import AttentionConfig, SelfAttention, dot_product_attention
 from lcjax.layers.mlp import SwiGLU
+from lcjax.layers.neural_memory import GATES as MEMORY_GATES
 from lcjax.layers.neural_memory import IMPLS as MEMORY_IMPLS
 from lcjax.layers.neural_memory import NeuralMemory
 from lcjax.layers.norms import RMSNorm
@@ -75,6 +76,7 @@ class TitansConfig:
     # The memory's chunk scan: xla (lax.scan) | pallas (the fused kernel of kernels_pallas/titans_memory.py: Mosaic on
     # TPU, Triton on GPU, interpret mode on CPU) | auto (the kernel on TPU/GPU, xla on CPU) | interpret.
     memory_impl: str = "xla"
+    memory_gates: str = "token"  # θ, η, α per token | per chunk (those of the chunk's first token; paper §3.2)
     # Learned persistent-memory tokens: prepended to the sequence (lmm/mag/mal), or per layer to every segment's
     # attention context (mac).
     num_persistent: int = 4
@@ -138,6 +140,8 @@ class TitansConfig:
             raise ConfigError("mesh.sequence", "Titans' memory is sequential over the sequence; use mesh.sequence=1")
         if self.memory_impl not in MEMORY_IMPLS:
             raise ConfigError("model.memory_impl", f"={self.memory_impl!r}; expected one of {list(MEMORY_IMPLS)}")
+        if self.memory_gates not in MEMORY_GATES:
+            raise ConfigError("model.memory_gates", f"={self.memory_gates!r}; expected one of {list(MEMORY_GATES)}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError("model.remat", f"={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
 
@@ -242,6 +246,7 @@ class Block(nnx.Module):
             out_std=out_std,
             rngs=rngs,
             impl=cfg.memory_impl,
+            gates=cfg.memory_gates,
         )
         if cfg.variant in ATTENTION_VARIANTS:  # mac's attention is segment-local: the window does not apply
             self.attn = WindowAttention(cfg, out_std=out_std, rngs=rngs)
@@ -334,21 +339,24 @@ class Block(nnx.Module):
         segments = None if segment_ids is None else split(segment_ids, 1)
 
         def body(carry, inputs):
-            store_history, history_segments, state = carry
+            store_history, history_segments, state, chunk_gates = carry
             h_s, q_s, seg_s, index = inputs
             r = self.read_norm(mixer.read(q_s, state[1], h_s))  # M*_(t−1)(q_t): the memory before the segment
             q, k, v = self._mac_context(h_s, r, positions)
             mask = segment_mask(q_index, size=size, prefix=prefix, q_segments=seg_s, k_segments=seg_s)
             y = self.attn._output(dot_product_attention(q, k, v, mask, scale=self.attn.head_dim**-0.5))
             offset = 0 if size % mixer.chunk_size == 0 else index * size % mixer.chunk_size
-            m, (store_history, state) = mixer._run(y, store_history, state, offset, seg_s, history_segments)
+            m, (store_history, state, chunk_gates) = mixer._run(
+                y, store_history, state, offset, seg_s, history_segments, chunk_gates
+            )
             if seg_s is not None:
                 history_segments = jnp.concatenate([history_segments, seg_s], axis=1)[:, size:]
-            return (store_history, history_segments, state), (y, m)
+            return (store_history, history_segments, state, chunk_gates), (y, m)
 
         store_history = jnp.zeros((batch, taps, 3, mixer.num_heads, mixer.head_dim), h.dtype)
         history_segments = None if segment_ids is None else jnp.full((batch, taps), -1, segment_ids.dtype)
-        carry = (store_history, history_segments, mixer._initial_state(batch))
+        chunk_gates = jnp.zeros((batch, 3, mixer.num_heads), jnp.float32)  # gates="chunk": a chunk across segments
+        carry = (store_history, history_segments, mixer._initial_state(batch), chunk_gates)
         xs = (split(h, 1), split(q_read, 2), segments, jnp.arange(count))
         _, (y, m) = jax.lax.scan(body, carry, xs)
         join = lambda a: jnp.moveaxis(a, 0, 1).reshape(batch, count * size, -1)[:, :length]

@@ -178,3 +178,26 @@ def test_bad_shapes_name_what_was_expected():
         memory_scan([init[0][:2]], q, k, v, lr, momentum, decay, chunk_size=2)
     with pytest.raises(ValueError, match="chunk_size=0 must be >= 1"):
         memory_scan(init, q, k, v, lr, momentum, decay, chunk_size=0)
+
+
+def test_per_chunk_gates_are_those_of_the_chunks_first_token():
+    """gates="chunk": constant inside each chunk and equal to its first token's (so causal); a chunk opened before
+    the input keeps the cached gates, and the open chunk's gates are handed on."""
+    from flax import nnx
+
+    from lcjax.layers.neural_memory import NeuralMemory
+
+    kwargs = dict(num_heads=2, head_dim=4, depth=1, expansion=2, chunk_size=3, conv_size=2, max_lr=0.5)
+    per_token = NeuralMemory(8, **kwargs, init_std=0.5, out_std=0.1, rngs=nnx.Rngs(0))
+    per_chunk = NeuralMemory(8, **kwargs, init_std=0.5, out_std=0.1, rngs=nnx.Rngs(0), gates="chunk")
+    x = jax.random.normal(jax.random.key(1), (2, 7, 8))
+    token, _ = per_token._gate_logits(x, 0, None)
+    chunk, open_gates = per_chunk._gate_logits(x, 0, None)
+    for t in range(7):
+        np.testing.assert_array_equal(chunk[..., t], token[..., t // 3 * 3])
+    np.testing.assert_array_equal(open_gates, token[..., 6])
+    cached = jax.random.normal(jax.random.key(2), open_gates.shape)
+    resumed, open_gates = per_chunk._gate_logits(x[:, :4], 2, cached)  # 2 tokens of a chunk already seen
+    np.testing.assert_array_equal(resumed[..., 0], cached)  # the rest of that chunk
+    np.testing.assert_allclose(resumed[..., 1:4], jnp.repeat(token[..., 1:2], 3, axis=-1), rtol=1e-6)  # new chunk
+    np.testing.assert_allclose(open_gates, token[..., 1], rtol=1e-6)

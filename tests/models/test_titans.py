@@ -51,7 +51,8 @@ def _tokens(shape, seed=1):
         ({"variant": "mag", "window": 4}, [1] * 11),
         ({"variant": "mal", "window": 4}, [3, 8]),
         ({"variant": "mac", "segment": 4}, [1] * 11),  # segments of whole memory chunks
-        ({"variant": "mac", "segment": 3, "memory_depth": 2}, [5, 6]),  # chunks straddle segments
+        ({"variant": "mac", "segment": 3, "memory_depth": 2, "memory_gates": "chunk"}, [5, 6]),  # chunks straddle
+        ({"memory_gates": "chunk"}, [3, 3, 5]),  # pieces straddle chunks: the open chunk's gates are cached
     ],
 )
 def test_decode_matches_parallel(overrides, pieces):
@@ -232,6 +233,7 @@ def test_parameter_names_and_axes_are_pinned():
         ({"variant": "mal", "window": 0}, {}, "model.window"),
         ({"variant": "mac", "segment": 0}, {}, "model.segment"),
         ({"memory_impl": "triton"}, {}, "model.memory_impl"),
+        ({"memory_gates": "segment"}, {}, "model.memory_gates"),
         ({}, {"sequence": 2, "data": -1}, "mesh.sequence"),
     ],
 )
