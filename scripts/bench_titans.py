@@ -28,7 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from lcjax.layers.neural_memory import memory_scan, memory_scan_reference  # noqa: E402
+from lcjax.layers.neural_memory import memory_scan, memory_scan_reference, memory_widths  # noqa: E402
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["1024", "4096"], "Sequence lengths.")
 _CHUNKS = flags.DEFINE_list("chunk_sizes", ["16", "64"], "Chunk sizes.")
@@ -45,7 +45,7 @@ _KERNEL = flags.DEFINE_enum("kernel", "auto", ["auto", "on", "off"], "Also time 
 def _inputs(length, depth):
     keys = jax.random.split(jax.random.key(0), 8)
     dim, heads, batch = _HEAD_DIM.value, _HEADS.value, _BATCH.value
-    widths = [dim] + [_EXPANSION.value * dim] * (depth - 1) + [dim]
+    widths = memory_widths(dim, depth, _EXPANSION.value)
     init = [
         0.1 * jax.random.normal(keys[i], (heads, a, b))
         for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True))

@@ -52,6 +52,11 @@ IMPLS = ("xla", "pallas", "interpret", "auto")
 GATES = ("token", "chunk")
 
 
+def memory_widths(head_dim: int, depth: int, expansion: int) -> list[int]:
+    """Layer widths of a memory MLP: head_dim in and out, `expansion * head_dim` between (depth 1: a matrix)."""
+    return [head_dim] + [expansion * head_dim] * (depth - 1) + [head_dim]
+
+
 def memory_read(weights: Sequence[jax.Array], x: jax.Array) -> jax.Array:
     """M_W(x) for weights `[..., d_in, d_out]` per layer and x `[..., n, d_in]` (leading axes broadcast)."""
     return _layers(weights, x)[1][-1]
@@ -333,7 +338,7 @@ class NeuralMemory(nnx.Module):
         self.w_gates = param(rngs, (d_model, 3, num_heads), ("embed", None, "heads"), normal(init_std))
         # Initial θ = max_lr σ(−2) ≈ 0.12 max_lr, η = σ(2) ≈ 0.88, α = σ(−5) ≈ 0.007 (slow forgetting).
         self.b_gates = param(rngs, (3, num_heads), (None, "heads"), _gate_bias((-2.0, 2.0, -5.0)))
-        widths = [head_dim] + [expansion * head_dim] * (depth - 1) + [head_dim]
+        widths = memory_widths(head_dim, depth, expansion)
         # Hidden layers start small (std (d_in d_out)^-1/2) so the hidden activations that the last layer's
         # gradient is an outer product of have norm O(1), not O(width): a chunk's step stays stable.
         self.memory = nnx.List(

@@ -44,7 +44,7 @@ from lcjax.layers.attention import AttentionConfig, SelfAttention, dot_product_a
 from lcjax.layers.mlp import SwiGLU
 from lcjax.layers.neural_memory import GATES as MEMORY_GATES
 from lcjax.layers.neural_memory import IMPLS as MEMORY_IMPLS
-from lcjax.layers.neural_memory import NeuralMemory
+from lcjax.layers.neural_memory import NeuralMemory, memory_widths
 from lcjax.layers.norms import RMSNorm
 from lcjax.layers.params import normal, param
 from lcjax.layers.stack import REMAT_POLICIES, LayerStack
@@ -146,8 +146,7 @@ class TitansConfig:
             raise ConfigError("model.remat", f"={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
 
     def memory_widths(self) -> list[int]:
-        hd = self.resolved_head_dim
-        return [hd] + [self.memory_expansion * hd] * (self.memory_depth - 1) + [hd]
+        return memory_widths(self.resolved_head_dim, self.memory_depth, self.memory_expansion)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (an estimate): 6 * matmul params, plus per layer and head the memory's
