@@ -223,6 +223,25 @@ def test_parameter_names_and_axes_are_pinned():
     assert axes["w_qkv"] == ("layers", "embed", None, "heads", "head_dim")
 
 
+def test_mac_keeps_its_persistent_tokens_per_layer():
+    shapes = jax.tree.map(lambda a: a.shape, nnx.to_pure_dict(nnx.state(_model(variant="mac", segment=4))))
+    assert "persistent" not in shapes  # no sequence-level prefix
+    block = shapes["layers"]["blocks"]
+    assert block["persistent"] == (2, 2, 32)  # [layers, N_p, d_model]
+    assert set(block) == {
+        "mixer_norm",
+        "mixer",
+        "attn",
+        "read_norm",
+        "persistent",
+        "gate_norm_attn",
+        "gate_norm_memory",
+        "gate_out",
+        "mlp_norm",
+        "mlp",
+    }
+
+
 @pytest.mark.parametrize(
     "model,mesh,field",
     [
