@@ -223,6 +223,19 @@ def test_parameter_names_and_axes_are_pinned():
     assert axes["w_qkv"] == ("layers", "embed", None, "heads", "head_dim")
 
 
+def test_every_preset_resolves_validates_and_builds():
+    import configs.titans as titans_config
+    from lcjax.config import from_config_dict
+
+    assert sorted(titans_config.PRESETS) == sorted(f"{v}-{s}" for v in titans.VARIANTS for s in ("tiny", "small"))
+    for preset in titans_config.PRESETS:
+        config = from_config_dict(titans_config.get_config(preset))
+        config.validate(device_count=8)
+        assert config.model.variant == preset.split("-")[0]
+        shapes = nnx.eval_shape(lambda config=config: models.build(config, nnx.Rngs(0)))  # no compute: shapes only
+        assert nnx.state(shapes, nnx.Param)
+
+
 def test_mac_keeps_its_persistent_tokens_per_layer():
     shapes = jax.tree.map(lambda a: a.shape, nnx.to_pure_dict(nnx.state(_model(variant="mac", segment=4))))
     assert "persistent" not in shapes  # no sequence-level prefix
