@@ -1,0 +1,186 @@
+"""The stabilized mLSTM cell (xLSTM, Beck et al. 2024) in three forms: parallel, chunkwise and recurrent.
+
+Notation of `reference/xlstm_ssm_birdie_jrt.md` §1.1–1.3, per batch element and head. Inputs q_t, k_t ∈ R^dqk,
+v_t ∈ R^dv, gate pre-activations ĩ_t (input gate exp(ĩ)) and f̃_t (forget gate σ(f̃)); q' = q / √dqk. The true
+recurrence C_t = f_t C_(t−1) + i_t k_t v_tᵀ, n_t = f_t n_(t−1) + i_t k_t, h_t = C_tᵀ q'_t / max(|n_tᵀ q'_t|, 1) is
+computed with the max-stabilizer m (log domain): the state is (C̄, n̄, m) = (e^−m C, e^−m n, m), and
+
+    m_t = max(log σ(f̃_t) + m_(t−1), ĩ_t),  i'_t = exp(ĩ_t − m_t),  f'_t = exp(log σ(f̃_t) + m_(t−1) − m_t)
+    C̄_t = f'_t C̄_(t−1) + i'_t k_t v_tᵀ,   n̄_t = f'_t n̄_(t−1) + i'_t k_t
+    h_t = C̄_tᵀ q'_t / (max(|n̄_tᵀ q'_t|, e^(−m_t)) + eps)
+
+k is stored unscaled in the state (as mlstm_kernels does). The initial state is zeros with m = 0 unless given.
+Without eps every form gives the same h whatever its stabilizer; with eps > 0 the forms differ by about
+eps · e^m / |den| (they pick m differently), as the reference implementations do.
+
+- "recurrent": a `lax.scan` of the step above (also `mlstm_step`, for decoding).
+- "parallel": §1.2, the quadratic form over the whole sequence (log D_ts = b_t − b_s + ĩ_s, b the cumulative
+  log σ(f̃); row stabilizer max_s log D_ts, plus the initial state's term when one is given).
+- "chunkwise": §1.3; the states at chunk boundaries by a scan over chunks (inter-chunk), then every chunk's outputs
+  in parallel from its start state (intra-chunk). A length that is not a multiple of `chunk_size` is padded at the
+  end with tokens that neither write (ĩ = −∞) nor decay (f̃ = +∞), so the final state is exact.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+FORMS = ("parallel", "chunkwise", "recurrent")
+State = tuple[jax.Array, jax.Array, jax.Array]  # C̄ [B, H, dqk, dv], n̄ [B, H, dqk], m [B, H]
+
+
+def initial_state(batch: int, heads: int, dqk: int, dv: int, dtype=jnp.float32) -> State:
+    return (
+        jnp.zeros((batch, heads, dqk, dv), dtype),
+        jnp.zeros((batch, heads, dqk), dtype),
+        jnp.zeros((batch, heads), dtype),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("form", "chunk_size"))
+def mlstm_cell(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    igate: jax.Array,
+    fgate: jax.Array,
+    *,
+    form: str = "chunkwise",
+    chunk_size: int = 64,
+    initial_state: State | None = None,
+    eps: float = 1e-6,
+) -> tuple[jax.Array, State]:
+    """h `[batch, heads, length, dv]` and the final state (C̄, n̄, m) of the mLSTM (module docstring).
+
+    q, k `[batch, heads, length, dqk]`, v `[batch, heads, length, dv]`; igate, fgate: the pre-activations ĩ, f̃
+    `[batch, heads, length]`. form: "parallel" | "chunkwise" | "recurrent". initial_state: (C̄, n̄, m) as returned
+    (zeros and m = 0 when None), so two calls continue one sequence exactly.
+    """
+    _check(q, k, v, igate, fgate, form, chunk_size, initial_state)
+    batch, heads, _, dqk = q.shape
+    dtype = jnp.result_type(q, k, v, igate, fgate)
+    q, k, v, igate, fgate = (x.astype(dtype) for x in (q, k, v, igate, fgate))
+    q = q * dqk**-0.5
+    given = initial_state is not None
+    state = initial_state if given else _zeros(batch, heads, dqk, v.shape[-1], dtype)
+    state = tuple(s.astype(dtype) for s in state)
+    if form == "recurrent":
+        return _recurrent(q, k, v, igate, fgate, state, eps)
+    if form == "parallel":
+        h = _intra(q, k, v, igate, fgate, state if given else None, eps)
+        return h, _advance(k, v, igate, fgate, state)
+    return _chunkwise(q, k, v, igate, fgate, state, eps, chunk_size)
+
+
+def mlstm_step(q, k, v, igate, fgate, state: State, *, eps: float = 1e-6) -> tuple[jax.Array, State]:
+    """One token: q, k `[batch, heads, dqk]`, v `[batch, heads, dv]`, gates `[batch, heads]` -> (h, state)."""
+    state, h = _step(state, (q * q.shape[-1] ** -0.5, k, v, igate, fgate), eps)
+    return h, state
+
+
+def _zeros(batch, heads, dqk, dv, dtype) -> State:
+    return initial_state(batch, heads, dqk, dv, dtype)
+
+
+def _check(q, k, v, igate, fgate, form, chunk_size, state):
+    if form not in FORMS:
+        raise ValueError(f"mlstm_cell: form={form!r}; expected one of {FORMS}")
+    if chunk_size < 1:
+        raise ValueError(f"mlstm_cell: chunk_size={chunk_size} must be >= 1")
+    if q.ndim != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"mlstm_cell: q {q.shape}, k {k.shape}, v {v.shape}; expected q, k [batch, heads, length, dqk] and v "
+            "[batch, heads, length, dv]"
+        )
+    for name, gate in (("igate", igate), ("fgate", fgate)):
+        if gate.shape != q.shape[:3]:
+            raise ValueError(
+                f"mlstm_cell: {name} has shape {gate.shape}; expected [batch, heads, length] {q.shape[:3]}"
+            )
+    if state is not None:
+        batch, heads, _, dqk = q.shape
+        want = ((batch, heads, dqk, v.shape[-1]), (batch, heads, dqk), (batch, heads))
+        if tuple(s.shape for s in state) != want:
+            raise ValueError(f"mlstm_cell: initial_state shapes {[s.shape for s in state]}; expected {list(want)}")
+
+
+def _step(state, inputs, eps):
+    c, n, m = state
+    q, k, v, i, f = inputs  # q already scaled
+    log_f = jax.nn.log_sigmoid(f)
+    m_new = jnp.maximum(log_f + m, i)
+    i_, f_ = jnp.exp(i - m_new), jnp.exp(log_f + m - m_new)
+    c = f_[..., None, None] * c + i_[..., None, None] * k[..., :, None] * v[..., None, :]
+    n = f_[..., None] * n + i_[..., None] * k
+    num = jnp.einsum("bhd,bhde->bhe", q, c)
+    den = jnp.maximum(jnp.abs(jnp.sum(n * q, axis=-1)), jnp.exp(-m_new)) + eps
+    return (c, n, m_new), num / den[..., None]
+
+
+def _recurrent(q, k, v, i, f, state, eps):
+    time_major = [jnp.moveaxis(x, 2, 0) for x in (q, k, v, i, f)]
+    state, h = jax.lax.scan(lambda s, x: _step(s, x, eps), state, time_major)
+    return jnp.moveaxis(h, 0, 2), state
+
+
+def _intra(q, k, v, i, f, state, eps):
+    """Outputs of one block of tokens `[..., L, ·]` (q scaled) from the state before it (None: no state term)."""
+    size = q.shape[-2]
+    b = jnp.cumsum(jax.nn.log_sigmoid(f), axis=-1)  # [..., L]
+    causal = jnp.tril(jnp.ones((size, size), bool))
+    log_d = jnp.where(causal, b[..., :, None] - b[..., None, :] + i[..., None, :], -jnp.inf)
+    m = jnp.max(log_d, axis=-1)
+    if state is not None:
+        c0, n0, m0 = state
+        m_inter = b + m0[..., None]
+        m = jnp.maximum(m, m_inter)
+    scores = jnp.einsum("...td,...sd->...ts", q, k) * jnp.exp(log_d - m[..., None])
+    num = scores @ v
+    den = jnp.sum(scores, axis=-1)
+    if state is not None:
+        decay = jnp.exp(m_inter - m)
+        num = num + decay[..., None] * (q @ c0)
+        den = den + decay * jnp.einsum("...td,...d->...t", q, n0)
+    return num / (jnp.maximum(jnp.abs(den), jnp.exp(-m)) + eps)[..., None]
+
+
+def _advance(k, v, i, f, state):
+    """The state after a block of tokens `[..., L, ·]`, from the state before it."""
+    c0, n0, m0 = state
+    b = jnp.cumsum(jax.nn.log_sigmoid(f), axis=-1)
+    g = b[..., -1]
+    a = g[..., None] - b + i  # log weight of token j in the end state
+    m = jnp.maximum(g + m0, jnp.max(a, axis=-1))
+    w = jnp.exp(a - m[..., None])
+    decay = jnp.exp(g + m0 - m)
+    c = decay[..., None, None] * c0 + jnp.einsum("...j,...jd,...je->...de", w, k, v)
+    n = decay[..., None] * n0 + jnp.einsum("...j,...jd->...d", w, k)
+    return c, n, m
+
+
+def _chunkwise(q, k, v, i, f, state, eps, chunk_size):
+    batch, heads, length, _ = q.shape
+    count = -(-length // chunk_size)
+    pad = count * chunk_size - length
+    if pad:  # tokens that neither write nor decay
+        widths = ((0, 0), (0, 0), (0, pad))
+        q, k, v = (jnp.pad(x, (*widths, (0, 0))) for x in (q, k, v))
+        i = jnp.pad(i, widths, constant_values=-jnp.inf)
+        f = jnp.pad(f, widths, constant_values=jnp.inf)
+
+    def chunks(x):  # [batch, heads, count * L, ...] -> [count, batch, heads, L, ...]
+        x = x.reshape(batch, heads, count, chunk_size, *x.shape[3:])
+        return jnp.moveaxis(x, 2, 0)
+
+    q, k, v, i, f = (chunks(x) for x in (q, k, v, i, f))
+
+    def inter(state, inputs):  # the scan over chunks carries only the state
+        return _advance(*inputs, state), state
+
+    final, starts = jax.lax.scan(inter, state, (k, v, i, f))
+    h = _intra(q, k, v, i, f, starts, eps)  # every chunk at once, from its start state
+    h = jnp.moveaxis(h, 0, 2).reshape(batch, heads, count * chunk_size, -1)
+    return h[:, :, :length], final
