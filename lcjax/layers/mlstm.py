@@ -52,14 +52,21 @@ def mlstm_cell(
     chunk_size: int = 64,
     initial_state: State | None = None,
     eps: float = 1e-6,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, State]:
     """h `[batch, heads, length, dv]` and the final state (C̄, n̄, m) of the mLSTM (module docstring).
 
     q, k `[batch, heads, length, dqk]`, v `[batch, heads, length, dv]`; igate, fgate: the pre-activations ĩ, f̃
     `[batch, heads, length]`. form: "parallel" | "chunkwise" | "recurrent". initial_state: (C̄, n̄, m) as returned
-    (zeros and m = 0 when None), so two calls continue one sequence exactly.
+    (zeros and m = 0 when None), so two calls continue one sequence exactly. segment_ids `[batch, length]` int:
+    packed documents; a token whose id differs from the previous token's starts from a fresh state (the initial
+    state belongs to the first token's document), exactly as separate runs would.
     """
     _check(q, k, v, igate, fgate, form, chunk_size, initial_state)
+    if segment_ids is not None and segment_ids.shape != (q.shape[0], q.shape[2]):
+        raise ValueError(
+            f"mlstm_cell: segment_ids {segment_ids.shape}; expected [batch, length] {(q.shape[0], q.shape[2])}"
+        )
     batch, heads, _, dqk = q.shape
     dtype = jnp.result_type(q, k, v, igate, fgate)
     q, k, v, igate, fgate = (x.astype(dtype) for x in (q, k, v, igate, fgate))
@@ -67,12 +74,19 @@ def mlstm_cell(
     given = initial_state is not None
     state = initial_state if given else _zeros(batch, heads, dqk, v.shape[-1], dtype)
     state = tuple(s.astype(dtype) for s in state)
+    # docs[b, h, t]: how many documents started after the initial state's, up to token t
+    if segment_ids is None:
+        docs = jnp.zeros(q.shape[:3], jnp.int32)
+    else:
+        starts = jnp.concatenate([jnp.zeros_like(segment_ids[:, :1]), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+        docs = jnp.broadcast_to(jnp.cumsum(starts.astype(jnp.int32), axis=1)[:, None], q.shape[:3])
     if form == "recurrent":
-        return _recurrent(q, k, v, igate, fgate, state, eps)
+        return _recurrent(q, k, v, igate, fgate, docs, state, eps)
     if form == "parallel":
-        h = _intra(q, k, v, igate, fgate, state if given else None, eps)
-        return h, _advance(k, v, igate, fgate, state)
-    return _chunkwise(q, k, v, igate, fgate, state, eps, chunk_size)
+        before = jnp.zeros(q.shape[:2], jnp.int32)  # the initial state's document
+        h = _intra(q, k, v, igate, fgate, docs, state if given else None, before, eps)
+        return h, _advance(k, v, igate, fgate, docs, state, before)
+    return _chunkwise(q, k, v, igate, fgate, docs, state, eps, chunk_size)
 
 
 def mlstm_step(q, k, v, igate, fgate, state: State, *, eps: float = 1e-6) -> tuple[jax.Array, State]:
@@ -107,9 +121,11 @@ def _check(q, k, v, igate, fgate, form, chunk_size, state):
             raise ValueError(f"mlstm_cell: initial_state shapes {[s.shape for s in state]}; expected {list(want)}")
 
 
-def _step(state, inputs, eps):
+def _step(state, inputs, eps, fresh=None):
     c, n, m = state
     q, k, v, i, f = inputs  # q already scaled
+    if fresh is not None:  # a new document starts here: from the zero state
+        c, n, m = (jnp.where(fresh.reshape(fresh.shape + (1,) * (z.ndim - fresh.ndim)), 0.0, z) for z in (c, n, m))
     log_f = jax.nn.log_sigmoid(f)
     m_new = jnp.maximum(log_f + m, i)
     i_, f_ = jnp.exp(i - m_new), jnp.exp(log_f + m - m_new)
@@ -120,22 +136,25 @@ def _step(state, inputs, eps):
     return (c, n, m_new), num / den[..., None]
 
 
-def _recurrent(q, k, v, i, f, state, eps):
-    time_major = [jnp.moveaxis(x, 2, 0) for x in (q, k, v, i, f)]
-    state, h = jax.lax.scan(lambda s, x: _step(s, x, eps), state, time_major)
+def _recurrent(q, k, v, i, f, docs, state, eps):
+    fresh = docs != jnp.concatenate([jnp.zeros_like(docs[..., :1]), docs[..., :-1]], axis=-1)
+    time_major = [jnp.moveaxis(x, 2, 0) for x in (q, k, v, i, f, fresh)]
+    state, h = jax.lax.scan(lambda s, x: _step(s, x[:5], eps, x[5]), state, time_major)
     return jnp.moveaxis(h, 0, 2), state
 
 
-def _intra(q, k, v, i, f, state, eps):
-    """Outputs of one block of tokens `[..., L, ·]` (q scaled) from the state before it (None: no state term)."""
+def _intra(q, k, v, i, f, docs, state, state_doc, eps):
+    """Outputs of one block of tokens `[..., L, ·]` (q scaled) from the state before it (None: no state term).
+    docs `[..., L]`: each token's document (a count, see `mlstm_cell`); state_doc `[...]`: the state's. A token sees
+    the tokens and the state of its own document only."""
     size = q.shape[-2]
     b = jnp.cumsum(jax.nn.log_sigmoid(f), axis=-1)  # [..., L]
-    causal = jnp.tril(jnp.ones((size, size), bool))
-    log_d = jnp.where(causal, b[..., :, None] - b[..., None, :] + i[..., None, :], -jnp.inf)
+    visible = jnp.tril(jnp.ones((size, size), bool)) & (docs[..., :, None] == docs[..., None, :])
+    log_d = jnp.where(visible, b[..., :, None] - b[..., None, :] + i[..., None, :], -jnp.inf)
     m = jnp.max(log_d, axis=-1)
     if state is not None:
         c0, n0, m0 = state
-        m_inter = b + m0[..., None]
+        m_inter = jnp.where(docs == state_doc[..., None], b + m0[..., None], -jnp.inf)
         m = jnp.maximum(m, m_inter)
     scores = jnp.einsum("...td,...sd->...ts", q, k) * jnp.exp(log_d - m[..., None])
     num = scores @ v
@@ -147,12 +166,15 @@ def _intra(q, k, v, i, f, state, eps):
     return num / (jnp.maximum(jnp.abs(den), jnp.exp(-m)) + eps)[..., None]
 
 
-def _advance(k, v, i, f, state):
-    """The state after a block of tokens `[..., L, ·]`, from the state before it."""
+def _advance(k, v, i, f, docs, state, state_doc):
+    """The state after a block of tokens `[..., L, ·]`, from the state before it (in document `state_doc`): the
+    block's last document only."""
     c0, n0, m0 = state
     b = jnp.cumsum(jax.nn.log_sigmoid(f), axis=-1)
     g = b[..., -1]
-    a = g[..., None] - b + i  # log weight of token j in the end state
+    last = docs[..., -1:]
+    a = jnp.where(docs == last, g[..., None] - b + i, -jnp.inf)  # log weight of token j in the end state
+    g = jnp.where(state_doc == last[..., 0], g, -jnp.inf)  # a new document in the block drops the old state
     m = jnp.maximum(g + m0, jnp.max(a, axis=-1))
     w = jnp.exp(a - m[..., None])
     decay = jnp.exp(g + m0 - m)
@@ -161,26 +183,30 @@ def _advance(k, v, i, f, state):
     return c, n, m
 
 
-def _chunkwise(q, k, v, i, f, state, eps, chunk_size):
+def _chunkwise(q, k, v, i, f, docs, state, eps, chunk_size):
     batch, heads, length, _ = q.shape
     count = -(-length // chunk_size)
     pad = count * chunk_size - length
-    if pad:  # tokens that neither write nor decay
+    if pad:  # tokens of the last document that neither write nor decay
         widths = ((0, 0), (0, 0), (0, pad))
         q, k, v = (jnp.pad(x, (*widths, (0, 0))) for x in (q, k, v))
         i = jnp.pad(i, widths, constant_values=-jnp.inf)
         f = jnp.pad(f, widths, constant_values=jnp.inf)
+        docs = jnp.pad(docs, widths, mode="edge")
 
     def chunks(x):  # [batch, heads, count * L, ...] -> [count, batch, heads, L, ...]
         x = x.reshape(batch, heads, count, chunk_size, *x.shape[3:])
         return jnp.moveaxis(x, 2, 0)
 
-    q, k, v, i, f = (chunks(x) for x in (q, k, v, i, f))
+    q, k, v, i, f, docs = (chunks(x) for x in (q, k, v, i, f, docs))
+    # the document of the state before each chunk: that of the previous chunk's last token (the initial state's: 0)
+    state_docs = jnp.concatenate([jnp.zeros_like(docs[:1, ..., 0]), docs[:-1, ..., -1]], axis=0)
 
     def inter(state, inputs):  # the scan over chunks carries only the state
-        return _advance(*inputs, state), state
+        *block, state_doc = inputs
+        return _advance(*block, state, state_doc), state
 
-    final, starts = jax.lax.scan(inter, state, (k, v, i, f))
-    h = _intra(q, k, v, i, f, starts, eps)  # every chunk at once, from its start state
+    final, starts = jax.lax.scan(inter, state, (k, v, i, f, docs, state_docs))
+    h = _intra(q, k, v, i, f, docs, starts, state_docs, eps)  # every chunk at once, from its start state
     h = jnp.moveaxis(h, 0, 2).reshape(batch, heads, count * chunk_size, -1)
     return h[:, :, :length], final

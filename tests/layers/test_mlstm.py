@@ -109,12 +109,30 @@ def test_gate_limits_freeze_and_reset_the_state(x64, form):
     np.testing.assert_allclose(h[:, :, 5:], h_fresh, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("form,chunk_size", [("parallel", 0), ("recurrent", 0), ("chunkwise", 4), ("chunkwise", 5)])
+def test_packed_documents_equal_separate_runs(x64, form, chunk_size):
+    """Documents [0, 5), [5, 6), [6, 12) (row 0) and [0, 8), [8, 12) (row 1), boundaries inside chunks: each
+    document's outputs are those of a fresh run on it (eps = 0), and the final state is the last document's."""
+    args = _inputs(7)
+    segment_ids = jnp.array([[0] * 5 + [1] + [2] * 6, [3] * 8 + [4] * 4])
+    h, state = mlstm_cell(*args, form=form, chunk_size=chunk_size or 4, eps=0.0, segment_ids=segment_ids)
+    for row, bounds in enumerate([(0, 5, 6, 12), (0, 8, 12)]):
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            part = [x[row : row + 1, :, start:end] for x in args]
+            h_doc, state_doc = mlstm_cell(*part, form="recurrent", eps=0.0)
+            np.testing.assert_allclose(h[row : row + 1, :, start:end], h_doc, atol=1e-12, rtol=0)
+        for got, want in zip(_state_value(state), _state_value(state_doc), strict=True):
+            np.testing.assert_allclose(got[row : row + 1], want, rtol=1e-12, atol=1e-12)
+
+
 def test_chunkwise_gradients_equal_the_recurrent_ones(x64):
     args = _inputs(5)
     probe = jax.random.normal(jax.random.key(6), (B, H, T, DV), jnp.float64)
 
+    segment_ids = jnp.array([[0] * 7 + [1] * 5, [0] * 12])  # a document boundary inside a chunk: no NaN
+
     def loss(form):
-        return lambda *a: jnp.sum(mlstm_cell(*a, form=form, chunk_size=5)[0] * probe)
+        return lambda *a: jnp.sum(mlstm_cell(*a, form=form, chunk_size=5, segment_ids=segment_ids, eps=0.0)[0] * probe)
 
     grads = jax.grad(loss("chunkwise"), argnums=tuple(range(5)))(*args)
     grads_ref = jax.grad(loss("recurrent"), argnums=tuple(range(5)))(*args)
