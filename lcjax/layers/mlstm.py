@@ -19,6 +19,8 @@ eps · e^m / |den| (they pick m differently), as the reference implementations d
 - "chunkwise": §1.3; the states at chunk boundaries by a scan over chunks (inter-chunk), then every chunk's outputs
   in parallel from its start state (intra-chunk). A length that is not a multiple of `chunk_size` is padded at the
   end with tokens that neither write (ĩ = −∞) nor decay (f̃ = +∞), so the final state is exact.
+Packed documents (`segment_ids`) are exact resets in every form: a token sees only its own document's tokens, and the
+state of an earlier document is dropped (masks, not a large negative forget gate).
 """
 
 from __future__ import annotations
