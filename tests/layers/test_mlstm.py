@@ -10,13 +10,6 @@ from lcjax.layers.mlstm import mlstm_cell, mlstm_step
 B, H, T, DQK, DV = 2, 2, 12, 4, 3
 
 
-@pytest.fixture
-def x64():
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", False)
-
-
 def _inputs(seed=0, length=T):
     keys = jax.random.split(jax.random.key(seed), 5)
     q, k = (jax.random.normal(keys[i], (B, H, length, DQK), jnp.float64) for i in range(2))

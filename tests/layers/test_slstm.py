@@ -10,13 +10,6 @@ from lcjax.layers.slstm import slstm_scan
 B, T, NH, DH = 2, 9, 2, 3
 
 
-@pytest.fixture
-def x64():
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", False)
-
-
 def _inputs(seed=0):
     keys = jax.random.split(jax.random.key(seed), 2)
     wx = jax.random.normal(keys[0], (B, T, 4, NH, DH), jnp.float64)

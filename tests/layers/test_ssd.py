@@ -10,13 +10,6 @@ from lcjax.layers.ssd import ssd_scan, ssd_sequential
 B, T, H, P, G, N = 2, 20, 4, 3, 2, 5
 
 
-@pytest.fixture
-def x64():
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", False)
-
-
 def _inputs(seed=0, length=T):
     keys = jax.random.split(jax.random.key(seed), 5)
     x = jax.random.normal(keys[0], (B, length, H, P), jnp.float64)
