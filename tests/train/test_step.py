@@ -104,7 +104,8 @@ def _step_once(trainer, batch):
     return jax.device_get(new_state), float(metrics["loss"])
 
 
-@pytest.mark.parametrize("mesh_sizes", [{"data": 1}, {"data": 2, "fsdp": 2}])
+# The one-device case is `slow` (CI's 20-minute budget); the sharded case covers the same code on a mesh.
+@pytest.mark.parametrize("mesh_sizes", [pytest.param({"data": 1}, marks=pytest.mark.slow), {"data": 2, "fsdp": 2}])
 def test_gradient_accumulation_equals_one_big_batch(mesh_sizes):
     sizes = {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1, **mesh_sizes}
     devices = jax.devices()[: sizes["data"] * sizes["fsdp"]]
