@@ -37,9 +37,13 @@ def slstm_step(wx_t: jax.Array, recurrent: jax.Array, state: State) -> tuple[jax
 
 
 @jax.jit
-def slstm_scan(wx: jax.Array, recurrent: jax.Array, initial_state: State | None = None) -> tuple[jax.Array, State]:
+def slstm_scan(
+    wx: jax.Array, recurrent: jax.Array, initial_state: State | None = None, segment_ids: jax.Array | None = None
+) -> tuple[jax.Array, State]:
     """y `[batch, length, heads, head_dim]` and the final state, for wx `[batch, length, 4, heads, head_dim]` (the
-    input pre-activations W x + b, gates i, f, z, o) and R `[heads, head_dim, 4, head_dim]`."""
+    input pre-activations W x + b, gates i, f, z, o) and R `[heads, head_dim, 4, head_dim]`. segment_ids
+    `[batch, length]`: packed documents; a token whose id differs from the previous token's starts from the zero
+    state (the initial state belongs to the first token's document)."""
     batch, _, gates, heads, head_dim = wx.shape
     if gates != 4 or recurrent.shape != (heads, head_dim, 4, head_dim):
         raise ValueError(
@@ -49,10 +53,18 @@ def slstm_scan(wx: jax.Array, recurrent: jax.Array, initial_state: State | None 
     if initial_state is None:
         zeros = jnp.zeros((batch, heads, head_dim), wx.dtype)
         initial_state = (zeros, zeros, zeros, zeros)
+    if segment_ids is None:
+        fresh = jnp.zeros(wx.shape[:2], bool)
+    else:
+        fresh = jnp.concatenate(
+            [jnp.zeros_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1
+        )
 
-    def step(state, wx_t):
+    def step(state, inputs):
+        wx_t, fresh_t = inputs
+        state = tuple(jnp.where(fresh_t[:, None, None], 0.0, s) for s in state)
         y, state = slstm_step(wx_t, recurrent, state)
         return state, y
 
-    final, y = jax.lax.scan(step, initial_state, jnp.moveaxis(wx, 1, 0))
+    final, y = jax.lax.scan(step, initial_state, (jnp.moveaxis(wx, 1, 0), jnp.moveaxis(fresh, 1, 0)))
     return jnp.moveaxis(y, 0, 1), final

@@ -52,11 +52,13 @@ def _segsum(a):
 
 
 @functools.partial(jax.jit, static_argnames="chunk_size")
-def ssd_scan(x, dt, a, b, c, *, chunk_size: int = 64, initial_state=None):
+def ssd_scan(x, dt, a, b, c, *, chunk_size: int = 64, initial_state=None, segment_ids=None):
     """y `[batch, length, heads, head_dim]` and the final state `[batch, heads, head_dim, state]`.
 
     x `[batch, length, heads, head_dim]`; dt `[batch, length, heads]` (Δ, after softplus); a `[heads]` (negative);
     b, c `[batch, length, groups, state]`; initial_state `[batch, heads, head_dim, state]` (zeros when None).
+    segment_ids `[batch, length]`: packed documents; where the id changes, the decay is exp(−∞) = 0, so a document
+    starts from the zero state exactly (the initial state belongs to the first token's document).
     """
     _check(x, dt, a, b, c, initial_state)
     if chunk_size < 1:
@@ -76,7 +78,16 @@ def ssd_scan(x, dt, a, b, c, *, chunk_size: int = 64, initial_state=None):
         z = z.reshape(batch, count, chunk_size, *z.shape[2:])
         return jnp.moveaxis(jnp.moveaxis(z, 1, 0), 3, 2)
 
-    log_a = chunks(dt * a.astype(dtype))  # [count, batch, heads, Q]
+    log_a = dt * a.astype(dtype)
+    if segment_ids is not None:
+        if segment_ids.shape != (batch, length):
+            raise ValueError(f"ssd_scan: segment_ids {segment_ids.shape}; expected [batch, length] {(batch, length)}")
+        starts = jnp.concatenate(
+            [jnp.zeros_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1
+        )
+        starts = jnp.pad(starts, ((0, 0), (0, pad)))
+        log_a = jnp.where(starts[..., None], -jnp.inf, log_a)
+    log_a = chunks(log_a)  # [count, batch, heads, Q]
     xh = chunks(x * dt[..., None])  # x̂: [count, batch, heads, Q, P]
     bh, ch = chunks(b), chunks(c)  # [count, batch, heads, Q, N]
     seg = _segsum(log_a)  # [count, batch, heads, Q, Q]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from lcjax.models import titans, transformer
+from lcjax.models import mamba2, titans, transformer, xlstm
 
 _MODELS = {
+    "mamba2": (mamba2.Mamba2Config, mamba2.Mamba2),
     "titans": (titans.TitansConfig, titans.Titans),
     "transformer": (transformer.TransformerConfig, transformer.Transformer),
+    "xlstm": (xlstm.XLSTMConfig, xlstm.XLSTM),
 }
 
 

@@ -75,3 +75,15 @@ def test_state_continuation(x64):
 def test_bad_shapes_name_the_layout():
     with pytest.raises(ValueError, match=r"recurrent \[heads, head_dim, 4, head_dim\]"):
         slstm_scan(jnp.zeros((B, T, 4, NH, DH)), jnp.zeros((NH, DH, 3, DH)))
+
+
+def test_packed_documents_equal_separate_runs(x64):
+    wx, recurrent = _inputs(3)
+    segments = jnp.array([[1] * 4 + [2] * 5, [3] * 9])
+    y, final = slstm_scan(wx, recurrent, None, segments)
+    y_a, _ = slstm_scan(wx[:1, :4], recurrent)
+    y_b, final_b = slstm_scan(wx[:1, 4:], recurrent)
+    np.testing.assert_allclose(y[:1], jnp.concatenate([y_a, y_b], axis=1), atol=1e-12, rtol=0)
+    np.testing.assert_allclose(y[1:], slstm_scan(wx[1:], recurrent)[0], atol=1e-12, rtol=0)
+    for got, want in zip(final, final_b, strict=True):
+        np.testing.assert_allclose(got[:1], want, atol=1e-12, rtol=0)

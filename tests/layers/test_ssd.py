@@ -65,3 +65,21 @@ def test_bad_inputs_name_what_was_expected(x64):
         ssd_scan(x, dt, a[:3], b, c)
     with pytest.raises(ValueError, match="initial_state"):
         ssd_scan(x, dt, a, b, c, initial_state=jnp.zeros((B, H, P, N + 1)))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 8, T])
+def test_packed_documents_equal_separate_runs(x64, chunk_size):
+    """segment_ids: a document starts from the zero state (decay 0 at its first token), with finite gradients."""
+    args = _inputs(2)
+    segments = jnp.array([[1] * 7 + [2] * 13, [5] * 12 + [6] * 3 + [9] * 5])
+    y, final = ssd_scan(*args, chunk_size=chunk_size, segment_ids=segments)
+    for row, bounds in enumerate([(0, 7, 20), (0, 12, 15, 20)]):
+        for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+            part = [z if z.ndim == 1 else z[row : row + 1, start:stop] for z in args]
+            y_ref, final_ref = ssd_sequential(*part)
+            np.testing.assert_allclose(y[row : row + 1, start:stop], y_ref, atol=1e-12, rtol=0)
+        np.testing.assert_allclose(final[row : row + 1], final_ref, atol=1e-12, rtol=0)
+    grads = jax.grad(
+        lambda dt: jnp.sum(ssd_scan(*args[:1], dt, *args[2:], chunk_size=chunk_size, segment_ids=segments)[0])
+    )(args[1])
+    assert bool(jnp.all(jnp.isfinite(grads)))

@@ -1,0 +1,201 @@
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lcjax import models
+from lcjax.config import from_dict
+from lcjax.errors import ConfigError
+from lcjax.layers.params import logical_axes
+from lcjax.parallel.mesh import make_mesh
+from lcjax.train.step import Trainer
+from tests.conftest import run_main
+
+SMALL = {
+    "name": "mamba2",
+    "vocab_size": 64,
+    "d_model": 32,
+    "num_layers": 2,
+    "d_state": 8,
+    "head_dim": 16,
+    "n_groups": 2,
+    "chunk_size": 4,
+}
+
+
+def _config(model=None, **sections):
+    return from_dict({"model": {**SMALL, **(model or {})}, **sections})
+
+
+def _model(seed=0, **overrides):
+    model = models.build(_config(overrides), nnx.Rngs(seed))
+    graphdef, state = nnx.split(model)  # larger logits than the 0.02 init gives, so tolerances mean something
+    keys = iter(jax.random.split(jax.random.key(seed + 1), len(jax.tree.leaves(state))))
+    state = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(next(keys), a.shape, a.dtype), state)
+    return nnx.merge(graphdef, state)
+
+
+_forward = nnx.jit(lambda model, batch: model(batch)[0])
+
+
+def _tokens(shape, seed=1):
+    return jax.random.randint(jax.random.key(seed), shape, 0, 64)
+
+
+@pytest.mark.parametrize("overrides,pieces", [({}, [1] * 11), ({"n_groups": 1, "tie_embeddings": False}, [4, 1, 6])])
+def test_decode_matches_parallel(overrides, pieces):
+    model = _model(**overrides)
+    tokens = _tokens((2, 11))
+    logits = _forward(model, {"inputs": tokens})
+    assert logits.shape == (2, 11, 64) and float(jnp.std(logits)) > 0.1
+    decode = nnx.jit(lambda model, tokens, cache: model.decode(tokens, cache))
+    cache, outputs, start = model.init_cache(2), [], 0
+    for n in pieces:
+        out, cache = decode(model, tokens[:, start : start + n], cache)
+        outputs.append(out)
+        start += n
+    np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), logits, atol=2e-5, rtol=1e-5)
+    assert cache["layers"]["ssm"].shape == (2, 2, 4, 16, 8)  # [layers, batch, heads, head_dim, state]: fixed size
+
+
+def test_packed_documents_are_isolated_and_later_tokens_never_change_earlier_logits():
+    model = _model()
+    tokens = _tokens((2, 12))
+    segments = jnp.array([[1] * 5 + [2] * 7, [3] * 12])
+    packed = _forward(model, {"inputs": tokens, "segment_ids": segments})
+    np.testing.assert_allclose(packed[:1, 5:], _forward(model, {"inputs": tokens[:1, 5:]}), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(packed[:1, :5], _forward(model, {"inputs": tokens[:1, :5]}), atol=2e-5, rtol=1e-5)
+    plain = _forward(model, {"inputs": tokens})
+    np.testing.assert_allclose(packed[1:], plain[1:], atol=2e-5, rtol=1e-5)
+    changed = tokens.at[:, 8:].set((tokens[:, 8:] + 1) % 64)
+    np.testing.assert_array_equal(_forward(model, {"inputs": changed})[:, :8], plain[:, :8])
+    # the state carries context beyond the conv's 3 taps: a different first token changes the last prediction
+    first = tokens.at[:, 0].set((tokens[:, 0] + 3) % 64)
+    assert float(jnp.max(jnp.abs(_forward(model, {"inputs": first})[:, -1] - plain[:, -1]))) > 1e-4
+
+
+def test_chunk_size_does_not_change_the_model():
+    tokens = _tokens((2, 13))
+    logits = [_forward(_model(chunk_size=c), {"inputs": tokens}) for c in (1, 4, 64)]
+    np.testing.assert_allclose(logits[0], logits[2], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(logits[1], logits[2], atol=2e-5, rtol=1e-5)
+
+
+def test_parameter_names_and_axes_are_pinned():
+    model = models.build(_config(), nnx.Rngs(0))
+    shapes = jax.tree.map(lambda a: a.shape, nnx.to_pure_dict(nnx.state(model)))
+    assert shapes == {
+        "embed": (64, 32),
+        "norm_f": {"scale": (32,)},
+        "layers": {
+            "blocks": {
+                "norm": {"scale": (2, 32)},
+                "mixer": {
+                    "w_z": (2, 32, 4, 16),
+                    "w_x": (2, 32, 4, 16),
+                    "w_b": (2, 32, 2, 8),
+                    "w_c": (2, 32, 2, 8),
+                    "w_dt": (2, 32, 4),
+                    "conv_x": (2, 4, 4, 16),
+                    "conv_x_bias": (2, 4, 16),
+                    "conv_b": (2, 4, 2, 8),
+                    "conv_b_bias": (2, 2, 8),
+                    "conv_c": (2, 4, 2, 8),
+                    "conv_c_bias": (2, 2, 8),
+                    "dt_bias": (2, 4),
+                    "a_log": (2, 4),
+                    "d_skip": (2, 4),
+                    "norm": (2, 4, 16),
+                    "w_out": (2, 4, 16, 32),
+                },
+            }
+        },
+    }
+    mixer = model.layers.blocks.mixer
+    a = -jnp.exp(mixer.a_log[...])
+    assert bool(jnp.all((a <= -1.0) & (a >= -16.0)))  # A ~ −U(1, 16)
+    delta = jax.nn.softplus(mixer.dt_bias[...])
+    assert bool(jnp.all((delta >= 1e-3 * 0.999) & (delta <= 0.1 * 1.001)))  # Δ ~ log-U(1e-3, 0.1) at init
+    assert logical_axes(model)["layers"]["blocks"]["mixer"]["w_x"] == ("layers", "embed", "heads", "head_dim")
+
+
+def test_every_preset_resolves_validates_and_builds():
+    import configs.mamba2 as mamba2_config
+    from lcjax.config import from_config_dict
+
+    assert sorted(mamba2_config.PRESETS) == ["130m", "370m", "tiny"]
+    counts = {}
+    for preset in mamba2_config.PRESETS:
+        config = from_config_dict(mamba2_config.get_config(preset))
+        config.validate(device_count=8)
+        shapes = nnx.eval_shape(lambda config=config: models.build(config, nnx.Rngs(0)))
+        counts[preset] = sum(a.size for a in jax.tree.leaves(nnx.state(shapes, nnx.Param)))
+    assert 120e6 < counts["130m"] < 140e6 and 350e6 < counts["370m"] < 390e6, counts
+
+
+@pytest.mark.parametrize(
+    "model,mesh,field",
+    [
+        ({"head_dim": 24}, {}, "model.head_dim"),
+        ({"n_groups": 3}, {}, "model.n_groups"),
+        ({"d_state": 0}, {}, "model.d_state"),
+        ({"chunk_size": 0}, {}, "model.chunk_size"),
+        ({"dt_min": 0.5}, {}, "model.dt_min"),
+        ({}, {"sequence": 2, "data": -1}, "mesh.sequence"),
+        ({"head_dim": 64, "n_groups": 1}, {"tensor": 2, "data": -1}, "mesh.tensor"),  # one head: no split over 2
+    ],
+)
+def test_bad_configs_name_the_field(model, mesh, field):
+    with pytest.raises(ConfigError) as error:
+        _config(model, mesh=mesh).validate(jax.device_count())
+    assert error.value.field == field
+
+
+def test_sharded_gradients_on_data_2_tensor_2_equal_one_device():
+    config = _config(train={"batch_size": 4, "seq_len": 12})
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 64, (4, 13)).astype(np.int32)
+    batch = {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": np.repeat([[1] * 7 + [2] * 5], 4, 0).astype(np.int32),
+        "positions": np.repeat([list(range(7)) + list(range(5))], 4, 0).astype(np.int32),
+        "loss_mask": np.ones((4, 12), np.float32),
+    }
+
+    def grads_on(mesh):
+        trainer = Trainer.create(config, mesh)
+        with jax.set_mesh(mesh):
+            grads, metrics = jax.jit(trainer._grads)(trainer.init_state(seed=0)["params"], trainer.device_batch(batch))
+        return float(metrics["loss"]), grads
+
+    loss_1, grads_1 = grads_on(make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1}, devices=jax.devices()[:1]))
+    loss_4, grads_4 = grads_on(make_mesh({"data": 2, "fsdp": 1, "tensor": 2, "sequence": 1}, devices=jax.devices()[:4]))
+    assert abs(loss_1 - loss_4) < 1e-5
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads_1))
+    for a, b in zip(jax.tree.leaves(jax.device_get(grads_1)), jax.tree.leaves(jax.device_get(grads_4)), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5 * scale, rtol=0)
+    assert grads_4["layers"]["blocks"]["mixer"]["w_x"].sharding.spec[2] == "tensor"  # heads split
+
+
+def test_tiny_preset_trains_through_main(tmp_path):
+    result = run_main(
+        "--config=configs/mamba2.py:tiny",
+        f"--workdir={tmp_path}",
+        "--config.train.steps=40",
+        "--config.train.batch_size=8",
+        "--config.train.seq_len=64",
+        "--config.train.log_every=5",
+        "--config.train.eval_every=40",
+        "--config.train.warmup_steps=5",
+        "--config.eval.num_batches=2",
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "metrics.jsonl") as f:
+        train = [r for r in map(json.loads, f) if r["split"] == "train"]
+    losses = [r["loss"] for r in train]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 1.5, losses

@@ -1,0 +1,246 @@
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lcjax import models
+from lcjax.config import from_dict
+from lcjax.errors import ConfigError
+from lcjax.layers.params import logical_axes
+from lcjax.models import xlstm
+from lcjax.parallel.mesh import make_mesh
+from lcjax.train.step import Trainer
+from tests.conftest import run_main
+
+SMALL = {"name": "xlstm", "vocab_size": 64, "d_model": 32, "num_layers": 2, "num_heads": 2, "chunk_size": 4}
+NEURIPS = {"variant": "neurips", "pattern": "ms", "num_layers": 4, "norm_eps": 1e-5, "tie_embeddings": True}
+
+
+def _config(model=None, **sections):
+    return from_dict({"model": {**SMALL, **(model or {})}, **sections})
+
+
+def _model(seed=0, **overrides):
+    model = models.build(_config(overrides), nnx.Rngs(seed))
+    # non-trivial gates and recurrences: the initial gate weights and sLSTM recurrent weights are zero
+    graphdef, state = nnx.split(model)
+    keys = iter(jax.random.split(jax.random.key(seed + 1), len(jax.tree.leaves(state))))
+    state = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(next(keys), a.shape, a.dtype), state)
+    return nnx.merge(graphdef, state)
+
+
+_forward = nnx.jit(lambda model, batch: model(batch)[0])
+
+
+def _tokens(shape, seed=1):
+    return jax.random.randint(jax.random.key(seed), shape, 0, 64)
+
+
+@pytest.mark.parametrize(
+    "overrides,pieces",
+    [
+        ({}, [1] * 11),
+        ({"cell_form": "parallel"}, [3, 8]),  # prefill pieces continue the state in the chunkwise form
+        (NEURIPS, [1, 1, 4, 5]),
+    ],
+)
+def test_decode_matches_parallel(overrides, pieces):
+    model = _model(**overrides)
+    tokens = _tokens((2, 11))
+    logits = _forward(model, {"inputs": tokens})
+    assert logits.shape == (2, 11, 64)
+    decode = nnx.jit(lambda model, tokens, cache: model.decode(tokens, cache))
+    cache, outputs, start = model.init_cache(2), [], 0
+    for n in pieces:
+        out, cache = decode(model, tokens[:, start : start + n], cache)
+        outputs.append(out)
+        start += n
+    np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), logits, atol=2e-5, rtol=1e-5)
+    assert int(cache["index"]) == 11
+
+
+@pytest.mark.parametrize("overrides", [{}, NEURIPS])
+def test_packed_documents_are_isolated_and_later_tokens_never_change_earlier_logits(overrides):
+    model = _model(**overrides)
+    tokens = _tokens((2, 12))
+    segments = jnp.array([[1] * 5 + [2] * 7, [3] * 12])
+    packed = _forward(model, {"inputs": tokens, "segment_ids": segments})
+    np.testing.assert_allclose(packed[:1, 5:], _forward(model, {"inputs": tokens[:1, 5:]}), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(packed[:1, :5], _forward(model, {"inputs": tokens[:1, :5]}), atol=2e-5, rtol=1e-5)
+    changed = tokens.at[:, 8:].set((tokens[:, 8:] + 1) % 64)
+    np.testing.assert_array_equal(
+        _forward(model, {"inputs": changed})[:, :8], _forward(model, {"inputs": tokens})[:, :8]
+    )
+    # the state carries context: a different first token changes the last prediction
+    first = tokens.at[:, 0].set((tokens[:, 0] + 3) % 64)
+    assert (
+        float(jnp.max(jnp.abs(_forward(model, {"inputs": first})[:, -1] - _forward(model, {"inputs": tokens})[:, -1])))
+        > 1e-4
+    )
+
+
+def test_cell_forms_give_the_same_model():
+    tokens = _tokens((2, 10))
+    logits = {
+        form: _forward(_model(cell_form=form), {"inputs": tokens}) for form in ("parallel", "chunkwise", "recurrent")
+    }
+    np.testing.assert_allclose(logits["chunkwise"], logits["parallel"], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(logits["recurrent"], logits["parallel"], atol=2e-5, rtol=1e-5)
+
+
+def test_logits_are_soft_capped():
+    model = _model(logit_soft_cap=0.5)
+    logits = _forward(model, {"inputs": _tokens((1, 6))})
+    assert float(jnp.max(jnp.abs(logits))) < 0.5
+
+
+def test_slstm_forget_bias_is_the_block_dependent_power_law():
+    model = models.build(_config({**NEURIPS, "num_layers": 6, "pattern": "mms"}), nnx.Rngs(0))
+    bias = model.layers.blocks.s2.bias[...]  # [units, 4 gates, heads, head_dim]
+    dh = bias.shape[-1]
+    for unit, block in enumerate((2, 5)):
+        d = np.arange(dh) / (dh - 1)
+        want = -(-5 + 12 * d ** (0.3 + 1.3 * block / 5))
+        np.testing.assert_allclose(bias[unit, 1, 0], want, atol=1e-5)
+        np.testing.assert_array_equal(bias[unit, 0], 0.0)
+
+
+def test_parameter_names_and_axes_are_pinned():
+    shapes = jax.tree.map(lambda a: a.shape, nnx.to_pure_dict(nnx.state(models.build(_config(), nnx.Rngs(0)))))
+    assert shapes == {
+        "embed": (64, 32),
+        "lm_head": (32, 64),
+        "out_norm": {"scale": (32,)},
+        "layers": {
+            "blocks": {
+                "norm_mlstm": {"scale": (2, 32)},
+                "mlstm": {
+                    "w_q": (2, 32, 2, 8),
+                    "w_k": (2, 32, 2, 8),
+                    "w_v": (2, 32, 2, 16),
+                    "w_o": (2, 32, 2, 16),
+                    "w_i": (2, 32, 2),
+                    "w_f": (2, 32, 2),
+                    "b_i": (2, 2),
+                    "b_f": (2, 2),
+                    "norm": (2, 2, 16),
+                    "w_out": (2, 2, 16, 32),
+                },
+                "norm_ffn": {"scale": (2, 32)},
+                "ffn": {"w_gate": (2, 32, 128), "w_up": (2, 32, 128), "w_down": (2, 128, 32)},
+            }
+        },
+    }
+    neurips = models.build(_config(NEURIPS), nnx.Rngs(0))
+    blocks = jax.tree.map(lambda a: a.shape, nnx.to_pure_dict(nnx.state(neurips)))["layers"]["blocks"]
+    assert set(blocks) == {"m0", "s1"}
+    assert blocks["m0"]["w_q"] == (2, 2, 8, 4, 4)  # [units, heads, blocks, in, out]: 4x4 headwise blocks
+    assert blocks["s1"]["recurrent"] == (2, 2, 16, 4, 16)
+    axes = logical_axes(neurips)["layers"]["blocks"]
+    assert axes["m0"]["w_up"] == ("layers", "embed", "heads", "head_dim")
+    assert axes["s1"]["w_gate"] == ("layers", "embed", "mlp")
+
+
+def test_every_preset_resolves_validates_and_builds():
+    import configs.xlstm as xlstm_config
+    from lcjax.config import from_config_dict
+
+    assert sorted(xlstm_config.PRESETS) == ["7-1-tiny", "7b", "large-tiny", "small"]
+    for preset in xlstm_config.PRESETS:
+        config = from_config_dict(xlstm_config.get_config(preset))
+        config.validate(device_count=8)
+        shapes = nnx.eval_shape(lambda config=config: models.build(config, nnx.Rngs(0)))
+        assert nnx.state(shapes, nnx.Param)
+    config = from_config_dict(xlstm_config.get_config("7b")).model
+    assert (config.qk_dim, config.v_dim, config.ffn_dim) == (2048, 4096, 10944)  # §1.6: F = 10944 for D = 4096
+    assert from_config_dict(xlstm_config.get_config("7-1-tiny")).model.pattern == "mmmmmmms"
+
+
+@pytest.mark.parametrize(
+    "model,mesh,field",
+    [
+        ({"variant": "slstm"}, {}, "model.variant"),
+        ({"pattern": "ms"}, {}, "model.pattern"),  # the large variant is pure mLSTM
+        ({**NEURIPS, "pattern": "mx"}, {}, "model.pattern"),
+        ({**NEURIPS, "num_layers": 3}, {}, "model.num_layers"),
+        ({"num_heads": 3}, {}, "model.qk_dim_factor"),
+        ({"cell_form": "quadratic"}, {}, "model.cell_form"),
+        ({"chunk_size": 0}, {}, "model.chunk_size"),
+        ({}, {"sequence": 2, "data": -1}, "mesh.sequence"),
+        ({"num_heads": 1}, {"tensor": 2, "data": -1}, "model.num_heads"),
+    ],
+)
+def test_bad_configs_name_the_field(model, mesh, field):
+    with pytest.raises(ConfigError) as error:
+        _config(model, mesh=mesh).validate(jax.device_count())
+    assert error.value.field == field
+
+
+@pytest.mark.parametrize("overrides", [{}, pytest.param(NEURIPS, marks=pytest.mark.slow)])
+def test_sharded_gradients_on_data_2_tensor_2_equal_one_device(overrides):
+    train = {"batch_size": 4, "seq_len": 12}
+    config = _config(overrides, train=train)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 64, (4, 13)).astype(np.int32)
+    batch = {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": np.repeat([[1] * 7 + [2] * 5], 4, 0).astype(np.int32),
+        "positions": np.repeat([list(range(7)) + list(range(5))], 4, 0).astype(np.int32),
+        "loss_mask": np.ones((4, 12), np.float32),
+    }
+
+    def grads_on(mesh):  # the gradients themselves: Adam's first step would amplify reduction-order noise
+        trainer = Trainer.create(config, mesh)
+        with jax.set_mesh(mesh):
+            grads, metrics = jax.jit(trainer._grads)(trainer.init_state(seed=0)["params"], trainer.device_batch(batch))
+        return float(metrics["loss"]), grads
+
+    loss_1, grads_1 = grads_on(make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1}, devices=jax.devices()[:1]))
+    loss_4, grads_4 = grads_on(make_mesh({"data": 2, "fsdp": 1, "tensor": 2, "sequence": 1}, devices=jax.devices()[:4]))
+    assert abs(loss_1 - loss_4) < 1e-5
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads_1))
+    for a, b in zip(jax.tree.leaves(jax.device_get(grads_1)), jax.tree.leaves(jax.device_get(grads_4)), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5 * scale, rtol=0)
+    if not overrides:
+        assert grads_4["layers"]["blocks"]["mlstm"]["w_q"].sharding.spec[2] == "tensor"  # heads split
+
+
+# large-tiny runs by default; 7-1-tiny (eight blocks with an sLSTM scan) is `slow`: run with -m slow.
+@pytest.mark.parametrize("preset", ["large-tiny", pytest.param("7-1-tiny", marks=pytest.mark.slow)])
+def test_tiny_preset_trains_through_main(tmp_path, preset):
+    result = run_main(
+        f"--config=configs/xlstm.py:{preset}",
+        f"--workdir={tmp_path}",
+        "--config.train.steps=40",
+        "--config.train.batch_size=8",
+        "--config.train.seq_len=64",
+        "--config.train.log_every=5",
+        "--config.train.eval_every=40",
+        "--config.train.warmup_steps=5",
+        "--config.eval.num_batches=2",
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "metrics.jsonl") as f:
+        train = [r for r in map(json.loads, f) if r["split"] == "train"]
+    losses = [r["loss"] for r in train]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 1.5, losses
+
+
+def test_unrolled_equals_scanned():
+    tokens = _tokens((2, 9))
+    np.testing.assert_allclose(
+        _forward(_model(**NEURIPS), {"inputs": tokens}),
+        _forward(_model(**NEURIPS, scan_layers=False), {"inputs": tokens}),
+        atol=1e-5,
+        rtol=0,
+    )
+
+
+def test_round_up_matches_the_reference_widths():
+    assert xlstm.round_up(128 * 2.667, 64) == 384
+    assert xlstm.round_up(64 * 1.3, 64) == 128
