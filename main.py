@@ -17,7 +17,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and preset: configs/<family>.py:<preset>", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, metrics, TensorBoard, checkpoints.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "generate"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "generate", "export"], "What to do.")
+_EXPORT_DIR = flags.DEFINE_string(
+    "export_dir", "", "--mode=export: where to write the Hugging Face folder (config.json, safetensors, tokenizer)."
+)
 _PROMPT = flags.DEFINE_string("prompt", "", "Prompt for --mode=generate.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", "", "host:port of process 0 for multi-process runs (or JAX_COORDINATOR_ADDRESS)."
@@ -91,9 +94,12 @@ def main(argv):
     from lcjax.train import loop
 
     try:
-        if distributed.maybe_initialize(
-            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_DISTRIBUTED.value
-        ) and jax.process_count() > 1:
+        if (
+            distributed.maybe_initialize(
+                _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_DISTRIBUTED.value
+            )
+            and jax.process_count() > 1
+        ):
             _MULTI_PROCESS.append(jax.process_index())
     except ValueError as e:
         _fail(f"--coordinator_address: {e}")
@@ -107,6 +113,13 @@ def main(argv):
             line = {k: v for k, v in report.items() if isinstance(v, float) and not k.startswith("loss_pos/")}
             line |= {f"{t}/answer_accuracy": m["answer_accuracy"] for t, m in report["tasks"].items()}
             print(f"eval at step {report['step']}: " + "  ".join(f"{k} {v:.4f}" for k, v in line.items()))
+        elif _MODE.value == "export":
+            if not _EXPORT_DIR.value:
+                _fail("--export_dir is required for --mode=export")
+            from lcjax.export import export_checkpoint
+
+            directory, step = export_checkpoint(config, _WORKDIR.value, _EXPORT_DIR.value)
+            print(f"exported step {step} to {directory}")
         else:  # every process takes part; process 0 prints
             text = loop.generate_text(config, _WORKDIR.value, _PROMPT.value)
             if jax.process_index() == 0:

@@ -181,6 +181,7 @@ def test_sharded_gradients_on_data_2_tensor_2_equal_one_device():
     assert grads_4["layers"]["blocks"]["mixer"]["w_x"].sharding.spec[2] == "tensor"  # heads split
 
 
+@pytest.mark.slow  # about 20 s on 2 cores (CI budget); run with -m slow
 def test_tiny_preset_trains_through_main(tmp_path):
     result = run_main(
         "--config=configs/mamba2.py:tiny",
