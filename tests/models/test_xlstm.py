@@ -245,3 +245,17 @@ def test_unrolled_equals_scanned():
 def test_round_up_matches_the_reference_widths():
     assert xlstm.round_up(128 * 2.667, 64) == 384
     assert xlstm.round_up(64 * 1.3, 64) == 128
+
+
+def test_loading_the_config_file_does_not_shadow_the_xlstm_package():
+    """configs/xlstm.py puts its directory on sys.path only while importing base.py: otherwise `import xlstm` (which
+    transformers probes) would find the config file instead of the PyPI package."""
+    import importlib.util
+    import os
+    import runpy
+    import sys
+
+    runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "xlstm.py"))
+    assert not any(p.rstrip("/").endswith("configs") for p in sys.path)
+    spec = importlib.util.find_spec("xlstm")
+    assert spec is None or "configs" not in (spec.origin or "")
