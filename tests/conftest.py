@@ -49,6 +49,68 @@ def run_main(*args, timeout=120):
     )
 
 
+def tiny_run_losses(tmp_path, config_arg: str, *overrides: str) -> list[float]:
+    """Trains `--config=<config_arg>` through main.py for 40 steps (batch 8, length 64) and returns the logged train
+    losses, after checking that the run exited cleanly."""
+    import json
+
+    result = run_main(
+        f"--config={config_arg}",
+        f"--workdir={tmp_path}",
+        "--config.train.steps=40",
+        "--config.train.batch_size=8",
+        "--config.train.seq_len=64",
+        "--config.train.log_every=5",
+        "--config.train.eval_every=40",
+        "--config.train.warmup_steps=5",
+        "--config.eval.num_batches=2",
+        *overrides,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "metrics.jsonl") as f:
+        return [r["loss"] for r in map(json.loads, f) if r["split"] == "train"]
+
+
+def packed_batch(vocab: int = 64) -> dict:
+    """4 rows of 12 tokens, two packed documents (7 + 5 tokens) per row, for sharded-vs-single-device checks."""
+    import numpy as np
+
+    tokens = np.random.default_rng(0).integers(0, vocab, (4, 13)).astype(np.int32)
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": np.repeat([[1] * 7 + [2] * 5], 4, 0).astype(np.int32),
+        "positions": np.repeat([list(range(7)) + list(range(5))], 4, 0).astype(np.int32),
+        "loss_mask": np.ones((4, 12), np.float32),
+    }
+
+
+def assert_sharded_gradients_equal_one_device(config, batch, rtol_of_max: float = 1e-5):
+    """Loss and gradients of `batch` on mesh data=2,tensor=2 equal those on one device (the gradients, not an
+    optimizer step: Adam's first step would amplify reduction-order noise where a gradient is tiny). Returns the
+    sharded gradients (to check their shardings)."""
+    import numpy as np
+
+    from lcjax.parallel.mesh import make_mesh
+    from lcjax.train.step import Trainer
+
+    def grads_on(mesh):
+        trainer = Trainer.create(config, mesh)
+        with jax.set_mesh(mesh):
+            grads, metrics = jax.jit(trainer._grads)(trainer.init_state(seed=0)["params"], trainer.device_batch(batch))
+        return float(metrics["loss"]), grads
+
+    loss_1, grads_1 = grads_on(make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1}, devices=jax.devices()[:1]))
+    loss_4, grads_4 = grads_on(make_mesh({"data": 2, "fsdp": 1, "tensor": 2, "sequence": 1}, devices=jax.devices()[:4]))
+    assert abs(loss_1 - loss_4) < 1e-5
+    leaves_1, leaves_4 = jax.tree.leaves(jax.device_get(grads_1)), jax.tree.leaves(jax.device_get(grads_4))
+    scale = max(float(np.max(np.abs(g))) for g in leaves_1)
+    for a, b in zip(leaves_1, leaves_4, strict=True):
+        np.testing.assert_allclose(a, b, atol=rtol_of_max * scale, rtol=0)
+    return grads_4
+
+
 @pytest.fixture
 def x64():
     jax.config.update("jax_enable_x64", True)

@@ -1,5 +1,3 @@
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +11,7 @@ from lcjax.layers.params import logical_axes
 from lcjax.models import titans
 from lcjax.parallel.mesh import make_mesh
 from lcjax.train.step import Trainer
-from tests.conftest import run_main
+from tests.conftest import packed_batch, tiny_run_losses
 
 SMALL = {
     "name": "titans",
@@ -168,15 +166,7 @@ def test_train_step_on_data_2_tensor_2_equals_one_device(variant):
     lr = 1e-2 if variant == "lmm" else 1e-3
     train = {"batch_size": 4, "seq_len": 12, "warmup_steps": 0, "learning_rate": lr}
     config = _config({"variant": variant}, train=train)
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 64, (4, 13)).astype(np.int32)
-    batch = {
-        "inputs": tokens[:, :-1],
-        "targets": tokens[:, 1:],
-        "segment_ids": np.repeat([[1] * 7 + [2] * 5], 4, 0).astype(np.int32),
-        "positions": np.repeat([list(range(7)) + list(range(5))], 4, 0).astype(np.int32),
-        "loss_mask": np.ones((4, 12), np.float32),
-    }
+    batch = packed_batch()
 
     def step_on(mesh):
         trainer = Trainer.create(config, mesh)
@@ -280,20 +270,5 @@ def test_bad_configs_name_the_field(model, mesh, field):
     "preset", ["lmm-tiny", *(pytest.param(f"{v}-tiny", marks=pytest.mark.slow) for v in ("mac", "mag", "mal"))]
 )
 def test_tiny_preset_trains_through_main(tmp_path, preset):
-    result = run_main(
-        f"--config=configs/titans.py:{preset}",
-        f"--workdir={tmp_path}",
-        "--config.train.steps=40",
-        "--config.train.batch_size=8",
-        "--config.train.seq_len=64",
-        "--config.train.log_every=5",
-        "--config.train.eval_every=40",
-        "--config.train.warmup_steps=5",
-        "--config.eval.num_batches=2",
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    with open(tmp_path / "metrics.jsonl") as f:
-        train = [r for r in map(json.loads, f) if r["split"] == "train"]
-    losses = [r["loss"] for r in train]
+    losses = tiny_run_losses(tmp_path, f"configs/titans.py:{preset}")
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 2.0, losses

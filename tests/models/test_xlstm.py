@@ -1,5 +1,3 @@
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,9 +9,7 @@ from lcjax.config import from_dict
 from lcjax.errors import ConfigError
 from lcjax.layers.params import logical_axes
 from lcjax.models import xlstm
-from lcjax.parallel.mesh import make_mesh
-from lcjax.train.step import Trainer
-from tests.conftest import run_main
+from tests.conftest import assert_sharded_gradients_equal_one_device, packed_batch, tiny_run_losses
 
 SMALL = {"name": "xlstm", "vocab_size": 64, "d_model": 32, "num_layers": 2, "num_heads": 2, "chunk_size": 4}
 NEURIPS = {"variant": "neurips", "pattern": "ms", "num_layers": 4, "norm_eps": 1e-5, "tie_embeddings": True}
@@ -181,54 +177,18 @@ def test_bad_configs_name_the_field(model, mesh, field):
 
 @pytest.mark.parametrize("overrides", [{}, pytest.param(NEURIPS, marks=pytest.mark.slow)])
 def test_sharded_gradients_on_data_2_tensor_2_equal_one_device(overrides):
-    train = {"batch_size": 4, "seq_len": 12}
-    config = _config(overrides, train=train)
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 64, (4, 13)).astype(np.int32)
-    batch = {
-        "inputs": tokens[:, :-1],
-        "targets": tokens[:, 1:],
-        "segment_ids": np.repeat([[1] * 7 + [2] * 5], 4, 0).astype(np.int32),
-        "positions": np.repeat([list(range(7)) + list(range(5))], 4, 0).astype(np.int32),
-        "loss_mask": np.ones((4, 12), np.float32),
-    }
-
-    def grads_on(mesh):  # the gradients themselves: Adam's first step would amplify reduction-order noise
-        trainer = Trainer.create(config, mesh)
-        with jax.set_mesh(mesh):
-            grads, metrics = jax.jit(trainer._grads)(trainer.init_state(seed=0)["params"], trainer.device_batch(batch))
-        return float(metrics["loss"]), grads
-
-    loss_1, grads_1 = grads_on(make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1}, devices=jax.devices()[:1]))
-    loss_4, grads_4 = grads_on(make_mesh({"data": 2, "fsdp": 1, "tensor": 2, "sequence": 1}, devices=jax.devices()[:4]))
-    assert abs(loss_1 - loss_4) < 1e-5
-    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads_1))
-    for a, b in zip(jax.tree.leaves(jax.device_get(grads_1)), jax.tree.leaves(jax.device_get(grads_4)), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5 * scale, rtol=0)
+    grads = assert_sharded_gradients_equal_one_device(
+        _config(overrides, train={"batch_size": 4, "seq_len": 12}), packed_batch()
+    )
     if not overrides:
-        assert grads_4["layers"]["blocks"]["mlstm"]["w_q"].sharding.spec[2] == "tensor"  # heads split
+        assert grads["layers"]["blocks"]["mlstm"]["w_q"].sharding.spec[2] == "tensor"  # heads split
 
 
 # `slow` (CI budget; run with -m slow): about 17 s (large-tiny) and 34 s (7-1-tiny) on 2 cores.
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["large-tiny", "7-1-tiny"])
 def test_tiny_preset_trains_through_main(tmp_path, preset):
-    result = run_main(
-        f"--config=configs/xlstm.py:{preset}",
-        f"--workdir={tmp_path}",
-        "--config.train.steps=40",
-        "--config.train.batch_size=8",
-        "--config.train.seq_len=64",
-        "--config.train.log_every=5",
-        "--config.train.eval_every=40",
-        "--config.train.warmup_steps=5",
-        "--config.eval.num_batches=2",
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    with open(tmp_path / "metrics.jsonl") as f:
-        train = [r for r in map(json.loads, f) if r["split"] == "train"]
-    losses = [r["loss"] for r in train]
+    losses = tiny_run_losses(tmp_path, f"configs/xlstm.py:{preset}")
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 1.5, losses
 
 
