@@ -3,11 +3,16 @@
     python scripts/bench_recurrent.py                               # both parts, the tables of docs/benchmarks.md
     python scripts/bench_recurrent.py --part=forms --seq_lens=1024,4096
     python scripts/bench_recurrent.py --part=decode --contexts=1024,65536
+    JAX_PLATFORMS=cuda python scripts/bench_recurrent.py --part=kernel --batch=8 --heads=8   # on a GPU (or TPU)
 
 Part "forms": for T in `--seq_lens`, the jitted forward + backward (gradients of Σ h·probe w.r.t. every input) of
 `mlstm_cell` in its parallel, chunkwise and recurrent forms and of `ssd_scan` chunked vs `ssd_sequential`, f32, on
 the same inputs: seconds (median of `--repeats` after a compile) and the compiled program's temporary memory
 (XLA's memory analysis). The parallel mLSTM materializes a T×T matrix per head; above `--max_parallel` it is skipped.
+
+Part "kernel" (GPU/TPU only; on CPU it prints why it is skipped): the chunkwise mLSTM and chunked SSD through the
+Pallas kernel (`kernels_pallas.chunked_linear_attention`, impl="pallas") vs the XLA chunkwise form on the same inputs,
+forward and forward + backward, with the kernel's largest error relative to XLA's largest output/gradient.
 
 Part "decode": seconds per generated token of the tiny presets (xlstm large-tiny, mamba2 tiny, and the
 transformer tiny for contrast) after a context of C tokens, for C in `--contexts`. The recurrent models' state is
@@ -39,7 +44,11 @@ from lcjax import models  # noqa: E402
 from lcjax.layers.mlstm import mlstm_cell  # noqa: E402
 from lcjax.layers.ssd import ssd_scan, ssd_sequential  # noqa: E402
 
-_PART = flags.DEFINE_enum("part", "all", ["all", "forms", "decode"], "Which part to run.")
+_PART = flags.DEFINE_enum("part", "all", ["all", "forms", "kernel", "decode"], "Which part to run.")
+_KERNEL_IMPL = flags.DEFINE_enum(
+    "kernel_impl", "pallas", ["pallas", "interpret"], "Kernel: interpret runs the kernel's part on CPU (a smoke test)."
+)
+_BATCH = flags.DEFINE_integer("batch", 1, "Forms and kernel: batch size.")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["1024", "2048", "4096", "8192", "16384"], "Forms: sequence lengths.")
 _MAX_PARALLEL = flags.DEFINE_integer("max_parallel", 8192, "Forms: longest T for the quadratic parallel mLSTM.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 64, "Forms: chunk size of the chunkwise mLSTM and the SSD.")
@@ -80,17 +89,70 @@ def _grad_fn(forward, num_args):
     return jax.jit(jax.grad(loss, argnums=tuple(range(num_args))))
 
 
+def _inputs(length):
+    """The mLSTM (q, k, v, ĩ, f̃) and SSD (x, Δ, A, B, C) inputs of one row."""
+    batch, heads, dim = _BATCH.value, _HEADS.value, _HEAD_DIM.value
+    keys = jax.random.split(jax.random.key(length), 8)
+    q, k, v = (jax.random.normal(keys[i], (batch, heads, length, dim)) for i in range(3))
+    i_gate = jax.random.normal(keys[3], (batch, heads, length))
+    f_gate = 3.0 + jax.random.normal(keys[4], (batch, heads, length))
+    x = jax.random.normal(keys[5], (batch, length, heads, dim))
+    dt = jax.nn.softplus(jax.random.normal(keys[6], (batch, length, heads)) - 2.0)
+    a = -jnp.exp(jnp.linspace(0.0, 2.0, heads))
+    b, c = (jax.random.normal(key, (batch, length, 1, dim)) for key in jax.random.split(keys[7]))
+    return (q, k, v, i_gate, f_gate), (x, dt, a, b, c)
+
+
+def _max_error(got, want):
+    leaves = list(zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True))
+    scale = max(float(jnp.max(jnp.abs(w))) for _, w in leaves)
+    return max(float(jnp.max(jnp.abs(g - w))) for g, w in leaves) / scale
+
+
+def kernel():
+    """The Pallas kernel vs the XLA chunkwise form (module docstring)."""
+    if jax.default_backend() not in ("gpu", "tpu") and _KERNEL_IMPL.value == "pallas":
+        print(f"part kernel: needs a GPU or TPU (backend is {jax.default_backend()}; set JAX_PLATFORMS); skipped")
+        return []
+    rows, chunk = [], _CHUNK.value
+    print(f"{'layer':>6} {'T':>6} {'pass':>5} | {'xla ms':>8} {'pallas ms':>9} {'speedup':>8} | {'max rel err':>11}")
+    for length in map(int, _SEQ_LENS.value):
+        mlstm_inputs, ssd_inputs = _inputs(length)
+        layers = (
+            ("mlstm", lambda *z, impl: mlstm_cell(*z, chunk_size=chunk, impl=impl), mlstm_inputs),
+            ("ssd", lambda *z, impl: ssd_scan(*z, chunk_size=chunk, impl=impl), ssd_inputs),
+        )
+        for layer, call, inputs in layers:
+            probe = jnp.ones_like(call(*inputs, impl="xla")[0])
+            for kind in ("fwd", "fwd+bwd"):
+                fns = {}
+                for impl in ("xla", "pallas"):
+                    forward = lambda *z, impl=impl, call=call: call(
+                        *z, impl=_KERNEL_IMPL.value if impl == "pallas" else impl
+                    )
+                    fns[impl] = jax.jit(forward) if kind == "fwd" else _grad_fn(forward, 5)
+                args = inputs if kind == "fwd" else (*inputs, probe)
+                seconds = {impl: _time(fn, *args) for impl, fn in fns.items()}
+                error = _max_error(fns["pallas"](*args), fns["xla"](*args))
+                row = {"layer": layer, "seq_len": length, "pass": kind, "error": error}
+                row.update({f"{impl}_seconds": t for impl, t in seconds.items()})
+                row["speedup"] = seconds["xla"] / seconds["pallas"]
+                rows.append(row)
+                print(
+                    f"{layer:>6} {length:>6} {kind:>5} | {seconds['xla'] * 1e3:>8.2f} {seconds['pallas'] * 1e3:>9.2f} "
+                    f"{row['speedup']:>8.2f} | {error:>11.1e}",
+                    flush=True,
+                )
+    return rows
+
+
 def forms():
     rows = []
-    heads, dim, chunk = _HEADS.value, _HEAD_DIM.value, _CHUNK.value
+    chunk = _CHUNK.value
     print(f"{'layer':>6} {'form':>10} {'T':>6} | {'f+b s':>8} {'tok/s':>9} {'temp MiB':>9} | {'vs slowest':>10}")
     for length in map(int, _SEQ_LENS.value):
-        keys = jax.random.split(jax.random.key(length), 8)
-        q, k, v = (jax.random.normal(keys[i], (1, heads, length, dim)) for i in range(3))
-        i_gate = jax.random.normal(keys[3], (1, heads, length))
-        f_gate = 3.0 + jax.random.normal(keys[4], (1, heads, length))
-        mlstm_inputs = (q, k, v, i_gate, f_gate)
-        probe = jnp.ones_like(v)
+        mlstm_inputs, ssd_inputs = _inputs(length)
+        probe = jnp.ones_like(mlstm_inputs[2])
         group = []
         for form in ("parallel", "chunkwise", "recurrent"):
             if form == "parallel" and length > _MAX_PARALLEL.value:
@@ -103,11 +165,7 @@ def forms():
             row = {"layer": "mlstm", "form": form, "seq_len": length, "seconds": _time(fn, *mlstm_inputs, probe)}
             row["temp_mib"] = _temp_mib(fn, *mlstm_inputs, probe)
             group.append(row)
-        x = jax.random.normal(keys[5], (1, length, heads, dim))
-        dt = jax.nn.softplus(jax.random.normal(keys[6], (1, length, heads)) - 2.0)
-        a = -jnp.exp(jnp.linspace(0.0, 2.0, heads))
-        b, c = (jax.random.normal(key, (1, length, 1, dim)) for key in jax.random.split(keys[7]))
-        ssd_inputs, ssd_probe = (x, dt, a, b, c), jnp.ones_like(x)
+        ssd_probe = jnp.ones_like(ssd_inputs[0])
         for form, forward in (
             ("chunked", lambda *z: ssd_scan(*z, chunk_size=chunk)),
             ("sequential", ssd_sequential),
@@ -200,6 +258,7 @@ def main(argv):
             "cpus": os.cpu_count(),
             "jax": jax.__version__,
             "backend": jax.default_backend(),
+            "batch": _BATCH.value,
             "heads": _HEADS.value,
             "head_dim": _HEAD_DIM.value,
             "chunk_size": _CHUNK.value,
@@ -207,6 +266,8 @@ def main(argv):
     }
     if _PART.value in ("all", "forms"):
         result["forms"] = forms()
+    if _PART.value in ("all", "kernel"):
+        result["kernel"] = kernel()
     if _PART.value in ("all", "decode"):
         result["decode"] = decode()
     with open(_OUT.value, "w") as f:

@@ -18,7 +18,9 @@ eps · e^m / |den| (they pick m differently), as the reference implementations d
   log σ(f̃); row stabilizer max_s log D_ts, plus the initial state's term when one is given).
 - "chunkwise": §1.3; the states at chunk boundaries by a scan over chunks (inter-chunk), then every chunk's outputs
   in parallel from its start state (intra-chunk). A length that is not a multiple of `chunk_size` is padded at the
-  end with tokens that neither write (ĩ = −∞) nor decay (f̃ = +∞), so the final state is exact.
+  end with tokens that neither write (ĩ = −∞) nor decay (f̃ = +∞), so the final state is exact. `impl` runs it in
+  XLA ("xla") or as the Pallas kernel `kernels_pallas.chunked_linear_attention` ("pallas" | "interpret" | "auto",
+  per device shard under a mesh; float32 inside, states float32).
 Packed documents (`segment_ids`) are exact resets in every form: a token sees only its own document's tokens, and the
 state of an earlier document is dropped (masks, not a large negative forget gate).
 """
@@ -30,7 +32,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kernels_pallas import chunked_linear_attention as kernel
+from lcjax.parallel.sharding import per_shard
+
 FORMS = ("parallel", "chunkwise", "recurrent")
+IMPLS = ("xla", "pallas", "interpret", "auto")  # of the chunkwise form: XLA, or the Pallas kernel (`kernels_pallas`)
 State = tuple[jax.Array, jax.Array, jax.Array]  # C̄ [B, H, dqk, dv], n̄ [B, H, dqk], m [B, H]
 
 
@@ -42,7 +48,7 @@ def initial_state(batch: int, heads: int, dqk: int, dv: int, dtype=jnp.float32) 
     )
 
 
-@functools.partial(jax.jit, static_argnames=("form", "chunk_size"))
+@functools.partial(jax.jit, static_argnames=("form", "chunk_size", "impl", "eps"))
 def mlstm_cell(
     q: jax.Array,
     k: jax.Array,
@@ -55,6 +61,7 @@ def mlstm_cell(
     initial_state: State | None = None,
     eps: float = 1e-6,
     segment_ids: jax.Array | None = None,
+    impl: str = "xla",
 ) -> tuple[jax.Array, State]:
     """h `[batch, heads, length, dv]` and the final state (C̄, n̄, m) of the mLSTM (module docstring).
 
@@ -62,9 +69,14 @@ def mlstm_cell(
     `[batch, heads, length]`. form: "parallel" | "chunkwise" | "recurrent". initial_state: (C̄, n̄, m) as returned
     (zeros and m = 0 when None), so two calls continue one sequence exactly. segment_ids `[batch, length]` int:
     packed documents; a token whose id differs from the previous token's starts from a fresh state (the initial
-    state belongs to the first token's document), exactly as separate runs would.
+    state belongs to the first token's document), exactly as separate runs would. impl (`IMPLS`): how the
+    chunkwise form runs; the other forms take only "xla".
     """
     _check(q, k, v, igate, fgate, form, chunk_size, initial_state)
+    if impl not in IMPLS or (impl != "xla" and form != "chunkwise"):
+        raise ValueError(
+            f"mlstm_cell: impl={impl!r} with form={form!r}; expected one of {IMPLS}, and 'xla' unless form='chunkwise'"
+        )
     if segment_ids is not None and segment_ids.shape != (q.shape[0], q.shape[2]):
         raise ValueError(
             f"mlstm_cell: segment_ids {segment_ids.shape}; expected [batch, length] {(q.shape[0], q.shape[2])}"
@@ -88,6 +100,8 @@ def mlstm_cell(
         before = jnp.zeros(q.shape[:2], jnp.int32)  # the initial state's document
         h = _intra(q, k, v, igate, fgate, docs, state if given else None, before, eps)
         return h, _advance(k, v, igate, fgate, docs, state, before)
+    if impl != "xla":
+        return _chunkwise_kernel(q, k, v, igate, fgate, docs, state, eps, chunk_size, impl)
     return _chunkwise(q, k, v, igate, fgate, docs, state, eps, chunk_size)
 
 
@@ -185,16 +199,44 @@ def _advance(k, v, i, f, docs, state, state_doc):
     return c, n, m
 
 
-def _chunkwise(q, k, v, i, f, docs, state, eps, chunk_size):
-    batch, heads, length, _ = q.shape
-    count = -(-length // chunk_size)
-    pad = count * chunk_size - length
-    if pad:  # tokens of the last document that neither write nor decay
+def _pad(q, k, v, i, f, docs, chunk_size):
+    """Pads the length to a multiple of `chunk_size` with tokens of the last document that neither write nor decay."""
+    count = -(-q.shape[2] // chunk_size)
+    pad = count * chunk_size - q.shape[2]
+    if pad:
         widths = ((0, 0), (0, 0), (0, pad))
         q, k, v = (jnp.pad(x, (*widths, (0, 0))) for x in (q, k, v))
         i = jnp.pad(i, widths, constant_values=-jnp.inf)
         f = jnp.pad(f, widths, constant_values=jnp.inf)
         docs = jnp.pad(docs, widths, mode="edge")
+    return count, (q, k, v, i, f, docs)
+
+
+def _chunkwise_kernel(q, k, v, i, f, docs, state, eps, chunk_size, impl):
+    batch, heads, length, _ = q.shape
+    count, (q, k, v, i, f, docs) = _pad(q, k, v, i, f, docs, chunk_size)
+    chunks = lambda x: x.reshape(batch, heads, count, chunk_size, *x.shape[3:])
+    cols = kernel.pack_columns(chunks(jax.nn.log_sigmoid(f)), chunks(i), chunks(docs))
+    c0, n0, m0 = state
+    state = (c0, n0[..., None, :], m0[..., None, None])
+
+    def run(q, k, v, cols, state):
+        return kernel.chunked_linear_attention(q, k, v, cols, state, mode="mlstm", eps=eps, impl=impl)
+
+    per_chunk, per_state = ("batch", "heads", None, None, None), ("batch", "heads", None, None)
+    h, (c, n, m) = per_shard(
+        run,
+        (chunks(q), chunks(k), chunks(v), cols, state),
+        (per_chunk,) * 4 + ((per_state,) * 3,),
+        (per_chunk, (per_state,) * 3),
+    )
+    h = h.reshape(batch, heads, count * chunk_size, -1)[:, :, :length]
+    return h, (c.astype(q.dtype), n[..., 0, :].astype(q.dtype), m[..., 0, 0].astype(q.dtype))
+
+
+def _chunkwise(q, k, v, i, f, docs, state, eps, chunk_size):
+    batch, heads, length, _ = q.shape
+    count, (q, k, v, i, f, docs) = _pad(q, k, v, i, f, docs, chunk_size)
 
     def chunks(x):  # [batch, heads, count * L, ...] -> [count, batch, heads, L, ...]
         x = x.reshape(batch, heads, count, chunk_size, *x.shape[3:])

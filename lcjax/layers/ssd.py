@@ -9,7 +9,9 @@ B and C are shared by the heads of a group (heads / groups consecutive heads per
 within a chunk, y_t = Σ_(s≤t) (C_t·B_s) exp(Σ_(s<r≤t) a_r) x̂_s + exp(Σ_(r≤t) a_r) H_(c−1) C_t, with the chunk-end
 states H_c = exp(Σ_(r∈c) a_r) H_(c−1) + Σ_s exp(Σ_(r>s) a_r) x̂_s B_sᵀ from a scan over chunks. Segment sums are
 masked cumulative sums (never differences of cumsums), so every exponent is ≤ 0. A length that is not a multiple of
-Q is padded with Δ = 0 (no decay, no write), so the final state is exact.
+Q is padded with Δ = 0 (no decay, no write), so the final state is exact. `impl` runs the chunked form in XLA ("xla")
+or as the Pallas kernel `kernels_pallas.chunked_linear_attention` (mode "ssd": q = C, k = B, v = Δx, the state
+transposed; "pallas" | "interpret" | "auto", per device shard under a mesh, float32 inside).
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from kernels_pallas import chunked_linear_attention as kernel
+from lcjax.parallel.sharding import per_shard
+
+IMPLS = ("xla", "pallas", "interpret", "auto")
 
 
 def _check(x, dt, a, b, c, initial_state):
@@ -51,18 +58,20 @@ def _segsum(a):
     return jnp.where(jnp.tril(jnp.ones((size, size), bool)), sums, -jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnames="chunk_size")
-def ssd_scan(x, dt, a, b, c, *, chunk_size: int = 64, initial_state=None, segment_ids=None):
+@functools.partial(jax.jit, static_argnames=("chunk_size", "impl"))
+def ssd_scan(x, dt, a, b, c, *, chunk_size: int = 64, initial_state=None, segment_ids=None, impl: str = "xla"):
     """y `[batch, length, heads, head_dim]` and the final state `[batch, heads, head_dim, state]`.
 
     x `[batch, length, heads, head_dim]`; dt `[batch, length, heads]` (Δ, after softplus); a `[heads]` (negative);
     b, c `[batch, length, groups, state]`; initial_state `[batch, heads, head_dim, state]` (zeros when None).
     segment_ids `[batch, length]`: packed documents; where the id changes, the decay is exp(−∞) = 0, so a document
-    starts from the zero state exactly (the initial state belongs to the first token's document).
+    starts from the zero state exactly (the initial state belongs to the first token's document). impl: `IMPLS`.
     """
     _check(x, dt, a, b, c, initial_state)
     if chunk_size < 1:
         raise ValueError(f"ssd_scan: chunk_size={chunk_size} must be >= 1")
+    if impl not in IMPLS:
+        raise ValueError(f"ssd_scan: impl={impl!r}; expected one of {IMPLS}")
     batch, length, heads, head_dim = x.shape
     state = b.shape[3]
     dtype = jnp.result_type(x, dt, a, b, c)
@@ -79,6 +88,7 @@ def ssd_scan(x, dt, a, b, c, *, chunk_size: int = 64, initial_state=None, segmen
         return jnp.moveaxis(jnp.moveaxis(z, 1, 0), 3, 2)
 
     log_a = dt * a.astype(dtype)
+    starts = None
     if segment_ids is not None:
         if segment_ids.shape != (batch, length):
             raise ValueError(f"ssd_scan: segment_ids {segment_ids.shape}; expected [batch, length] {(batch, length)}")
@@ -86,6 +96,10 @@ def ssd_scan(x, dt, a, b, c, *, chunk_size: int = 64, initial_state=None, segmen
             [jnp.zeros_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1
         )
         starts = jnp.pad(starts, ((0, 0), (0, pad)))
+    if impl != "xla":
+        y, final = _kernel_scan(x * dt[..., None], log_a, b, c, h0, starts, chunk_size, impl)
+        return y[:, :length].astype(dtype), final.astype(dtype)
+    if starts is not None:
         log_a = jnp.where(starts[..., None], -jnp.inf, log_a)
     log_a = chunks(log_a)  # [count, batch, heads, Q]
     xh = chunks(x * dt[..., None])  # x̂: [count, batch, heads, Q, P]
@@ -106,6 +120,37 @@ def ssd_scan(x, dt, a, b, c, *, chunk_size: int = 64, initial_state=None, segmen
     y = jnp.moveaxis(y, 0, 1)  # [batch, count, heads, Q, P]
     y = jnp.moveaxis(y, 3, 2).reshape(batch, count * chunk_size, heads, head_dim)
     return y[:, :length], final
+
+
+def _kernel_scan(xh, log_a, b, c, h0, starts, chunk_size, impl):
+    """The chunked form as the kernel's mode "ssd" (padded inputs `[batch, count * Q, heads, ...]`)."""
+    batch, padded, heads, _ = xh.shape
+    count = padded // chunk_size
+
+    def chunks(z):  # [batch, count * Q, heads, ...] -> [batch, heads, count, Q, ...]
+        z = jnp.moveaxis(z, 2, 1)
+        return z.reshape(batch, heads, count, chunk_size, *z.shape[3:])
+
+    docs = None
+    if starts is not None:  # documents counted from the initial state's; the masks, not −∞ decays, cut them
+        docs = jnp.broadcast_to(jnp.cumsum(starts.astype(jnp.int32), axis=1)[..., None], log_a.shape)
+        docs = chunks(docs)
+    log_a = chunks(log_a)
+    cols = kernel.pack_columns(log_a, jnp.zeros_like(log_a), docs)
+    state = (jnp.swapaxes(h0, -1, -2), jnp.zeros((batch, heads, 1, b.shape[-1])), jnp.zeros((batch, heads, 1, 1)))
+
+    def run(q, k, v, cols, state):
+        return kernel.chunked_linear_attention(q, k, v, cols, state, mode="ssd", impl=impl)
+
+    per_chunk, per_state = ("batch", "heads", None, None, None), ("batch", "heads", None, None)
+    y, (final, _, _) = per_shard(
+        run,
+        (chunks(c), chunks(b), chunks(xh), cols, state),
+        (per_chunk,) * 4 + ((per_state,) * 3,),
+        (per_chunk, (per_state,) * 3),
+    )
+    y = jnp.moveaxis(y.reshape(batch, heads, padded, -1), 1, 2)
+    return y, jnp.swapaxes(final, -1, -2)
 
 
 @jax.jit

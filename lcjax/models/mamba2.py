@@ -28,6 +28,7 @@ from lcjax.errors import ConfigError
 from lcjax.layers.conv import causal_conv
 from lcjax.layers.norms import RMSNorm
 from lcjax.layers.params import normal, ones, param
+from lcjax.layers.ssd import IMPLS as SCAN_IMPLS
 from lcjax.layers.ssd import ssd_scan
 from lcjax.layers.stack import REMAT_POLICIES, LayerStack
 from lcjax.parallel.sharding import constrain
@@ -45,6 +46,7 @@ class Mamba2Config:
     head_dim: int = 32
     n_groups: int = 1
     chunk_size: int = 64
+    scan_impl: str = "xla"  # the chunked SSD in XLA, or the Pallas kernel: pallas | interpret | auto
     norm_eps: float = 1e-5
     dt_min: float = 1e-3
     dt_max: float = 0.1
@@ -69,6 +71,8 @@ class Mamba2Config:
                 raise ConfigError(f"model.{name}", f"must be > 0, got {getattr(self, name)}")
         if self.chunk_size <= 0:
             raise ConfigError("model.chunk_size", f"must be > 0, got {self.chunk_size}")
+        if self.scan_impl not in SCAN_IMPLS:
+            raise ConfigError("model.scan_impl", f"={self.scan_impl!r}; expected one of {list(SCAN_IMPLS)}")
         if self.d_inner % self.head_dim:
             raise ConfigError(
                 "model.head_dim", f"={self.head_dim} must divide d_inner = expand*d_model = {self.d_inner}"
@@ -182,6 +186,7 @@ class Mixer(nnx.Module):
             chunk_size=chunk,
             initial_state=None if cache is None else cache["ssm"],
             segment_ids=segment_ids,
+            impl=cfg.scan_impl,
         )
         y = y + self.d_skip[...].astype(jnp.float32)[:, None] * x
         y = y * jax.nn.silu(z.astype(jnp.float32))

@@ -33,6 +33,7 @@ from lcjax.errors import ConfigError
 from lcjax.layers.conv import causal_conv
 from lcjax.layers.mlp import SwiGLU
 from lcjax.layers.mlstm import FORMS, mlstm_cell, mlstm_step
+from lcjax.layers.mlstm import IMPLS as CELL_IMPLS
 from lcjax.layers.norms import RMSNorm
 from lcjax.layers.params import normal, ones, param
 from lcjax.layers.slstm import slstm_scan
@@ -72,6 +73,7 @@ class XLSTMConfig:
     norm_eps: float = 1e-6
     cell_eps: float = 1e-6
     cell_form: str = "chunkwise"  # parallel | chunkwise | recurrent (training and prefill)
+    cell_impl: str = "xla"  # the chunkwise form in XLA, or the Pallas kernel: pallas | interpret | auto
     chunk_size: int = 64
     tie_embeddings: bool = False
     scan_layers: bool = True
@@ -130,6 +132,12 @@ class XLSTMConfig:
                 raise ConfigError("model.num_heads", f"={heads} must divide model.d_model={self.d_model} (sLSTM)")
         if self.cell_form not in FORMS:
             raise ConfigError("model.cell_form", f"={self.cell_form!r}; expected one of {list(FORMS)}")
+        if self.cell_impl not in CELL_IMPLS:
+            raise ConfigError("model.cell_impl", f"={self.cell_impl!r}; expected one of {list(CELL_IMPLS)}")
+        if self.cell_impl != "xla" and self.cell_form != "chunkwise":
+            raise ConfigError(
+                "model.cell_impl", f"={self.cell_impl!r} needs model.cell_form='chunkwise', got {self.cell_form!r}"
+            )
         tensor = mesh["tensor"]
         widths = {"num_heads": heads, "vocab_size": self.vocab_size}
         widths["ffn_proj_factor" if self.variant == "large" else "slstm_ffn_factor"] = (
@@ -210,14 +218,32 @@ def _run_cell(cfg: XLSTMConfig, q, k, v, i, f, state, segment_ids):
     i, f = (jnp.swapaxes(z, 1, 2).astype(jnp.float32) for z in (i, f))
     if state is None:
         h, state = mlstm_cell(
-            q, k, v, i, f, form=cfg.cell_form, chunk_size=cfg.chunk_size, eps=cfg.cell_eps, segment_ids=segment_ids
+            q,
+            k,
+            v,
+            i,
+            f,
+            form=cfg.cell_form,
+            chunk_size=cfg.chunk_size,
+            eps=cfg.cell_eps,
+            segment_ids=segment_ids,
+            impl=cfg.cell_impl,
         )
     elif q.shape[2] == 1:
         h, state = mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], state, eps=cfg.cell_eps)
         h = h[:, :, None]
     else:
         h, state = mlstm_cell(
-            q, k, v, i, f, form=cfg.cell_form, chunk_size=cfg.chunk_size, eps=cfg.cell_eps, initial_state=state
+            q,
+            k,
+            v,
+            i,
+            f,
+            form=cfg.cell_form,
+            chunk_size=cfg.chunk_size,
+            eps=cfg.cell_eps,
+            initial_state=state,
+            impl=cfg.cell_impl,
         )
     return jnp.swapaxes(h, 1, 2), state  # [batch, length, heads, dv]
 

@@ -75,3 +75,20 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, mesh.axis_names))
+
+
+def _is_axes(x) -> bool:
+    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
+def per_shard(fn, args: Sequence, in_axes: Sequence, out_axes):
+    """`fn(*args)` run on each device's shard under `jax.shard_map` over the current abstract mesh, or directly
+    outside one: what a Pallas kernel needs, since XLA does not partition it. in_axes: logical names per argument
+    (a tuple of names, or a pytree of such tuples for a pytree argument); out_axes: the same for the output. A
+    dimension whose name maps to no mesh axis is gathered whole on every device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn(*args)
+    to_spec = lambda axes: jax.tree.map(lambda a: logical_to_spec(a, mesh.axis_names), axes, is_leaf=_is_axes)
+    in_specs = tuple(to_spec(axes) for axes in in_axes)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=to_spec(out_axes), check_vma=False)(*args)
