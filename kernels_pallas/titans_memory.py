@@ -123,7 +123,16 @@ def memory_chunks(weights, momentum, q, k, v, gamma, cols, *, impl: str = "auto"
     if mode == "reference":
         return reference(weights, momentum, q, k, v, gamma, cols)
     chunks = q.shape[0]
-    if target == "gpu":
+    if target == "gpu":  # one block of every chunk; Triton needs a power-of-two count: pad with no-op chunks
+        padded = 1 << (chunks - 1).bit_length()
+        if padded != chunks:
+            y, final, starts = _kernel_scan(
+                _Call(depth=len(weights), block=padded, interpret=mode == "interpret"),
+                list(weights),
+                list(momentum),
+                *_pad_chunks((q, k, v, gamma, cols), padded - chunks),
+            )
+            return y[:chunks], final, jax.tree.map(lambda x: x[:chunks], starts)
         block = chunks
     else:
         block = chunks_per_block or min(chunks, 8)
@@ -131,6 +140,16 @@ def memory_chunks(weights, momentum, q, k, v, gamma, cols, *, impl: str = "auto"
             block -= 1
     call = _Call(depth=len(weights), block=block, interpret=mode == "interpret")
     return _kernel_scan(call, list(weights), list(momentum), q, k, v, gamma, cols)
+
+
+def _pad_chunks(inputs, extra):
+    """Appends `extra` chunks that leave the state as it is: M' = 1·M + 0·S, S' = 1·S, no gradient terms (Γ = σ = 0);
+    their outputs are dropped."""
+    q, k, v, gamma, cols = inputs
+    pad = lambda x: jnp.concatenate([x, jnp.zeros((extra, *x.shape[1:]), x.dtype)], axis=0)
+    keep = jnp.zeros(len(COLUMNS), cols.dtype).at[COLUMNS.index("e")].set(1).at[COLUMNS.index("a_last")].set(1)
+    no_op = jnp.broadcast_to(keep, (extra, *cols.shape[1:]))
+    return (*(pad(x) for x in (q, k, v, gamma)), jnp.concatenate([cols, no_op], axis=0))
 
 
 def _check_inputs(weights, momentum, q, k, v, gamma, cols):
@@ -160,9 +179,9 @@ def _unsupported(weights, q, v, target) -> str:
     if q.dtype != jnp.float32 or any(w.dtype != jnp.float32 for w in weights):
         return f"the kernel runs the memory in float32, got q {q.dtype}"
     if target == "gpu":  # Triton blocks: every dimension a power of two
-        dims = [q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]] + [d for w in weights for d in w.shape[-2:]]
-        if any(d & (d - 1) for d in dims):
-            return f"the GPU kernel needs power-of-two chunk counts, chunk sizes and widths, got {sorted(set(dims))}"
+        dims = [q.shape[-2], q.shape[-1], v.shape[-1]] + [d for w in weights for d in w.shape[-2:]]
+        if any(d & (d - 1) for d in dims):  # (the chunk count is padded)
+            return f"the GPU kernel needs power-of-two chunk sizes and widths, got {sorted(set(dims))}"
     return ""
 
 

@@ -110,7 +110,8 @@ def test_tpu_kernels_compile_with_mosaic_for_v5e(depth):
 
 
 def test_gpu_kernels_lower_to_triton_for_cuda():
-    text = common.lower_for(_fwd_bwd(2), _abstract(2, size=32, dim=32), ("cuda",)).as_text()
+    """6 chunks: the count is padded to 8 for the Triton block."""
+    text = common.lower_for(_fwd_bwd(2), _abstract(2, chunks=6, size=32, dim=32), ("cuda",)).as_text()
     assert text.count("custom_call @__gpu$xla.gpu.triton") == 2
 
 
@@ -144,3 +145,18 @@ def test_bad_inputs_say_what_was_expected(change, message):
     with pytest.raises(ValueError, match="titans_memory") as error:
         titans_memory.memory_chunks(*change(_inputs(1)), impl="interpret")
     assert message in str(error.value)
+
+
+def test_gpu_pads_the_chunk_count_to_a_power_of_two():
+    """Traced as for a GPU (interpret mode): 3 chunks run as 4, the extra one a no-op; outputs, final state, chunk-start
+    states and gradients equal the reference's."""
+    args = _inputs(2, chunks=3)
+    want = titans_memory.reference(*args)
+    with common.tracing_for("gpu"):
+        got = titans_memory.memory_chunks(*args, impl="interpret")
+        grads = jax.grad(_loss("interpret"), argnums=tuple(range(7)))(*args)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+    grads_ref = jax.grad(_loss("reference"), argnums=tuple(range(7)))(*args)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
+        np.testing.assert_allclose(g, w, atol=2e-6 * float(jnp.max(jnp.abs(w))), rtol=0)
