@@ -43,7 +43,7 @@ from flax import nnx
 
 from kernels_pallas import titans_memory
 from lcjax.layers.params import normal, ones, param
-from lcjax.parallel.sharding import constrain
+from lcjax.parallel.sharding import constrain, per_shard
 
 Weights = list[jax.Array]
 # The chunk scan: XLA, or the fused kernel (kernels_pallas.titans_memory).
@@ -157,8 +157,12 @@ def memory_scan_from(
         if impl not in IMPLS:
             raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
         kernel_impl = "reference" if impl == "xla" else impl
-        y, (weights, momentum_state), (starts, _) = titans_memory.memory_chunks(
-            weights0, momentum0, *xs[:3], *coeffs, impl=kernel_impl
+        per_head, per_chunk = ("batch", "heads", None, None), (None, "batch", "heads", None, None)
+        y, (weights, momentum_state), (starts, _) = per_shard(  # a kernel runs on each device's shard
+            functools.partial(titans_memory.memory_chunks, impl=kernel_impl),
+            (weights0, momentum0, *xs[:3], *coeffs),
+            ([per_head] * len(weights0), [per_head] * len(momentum0)) + (per_chunk,) * 5,
+            (per_chunk, ([per_head] * len(weights0),) * 2, ([per_chunk] * len(weights0),) * 2),
         )
         # A chunk boundary after the last token opens a fresh chunk, whose reference is the final memory.
         ref = weights if end % chunk_size == 0 else [s[-1] for s in starts]

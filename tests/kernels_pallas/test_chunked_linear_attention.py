@@ -235,3 +235,23 @@ def test_bad_impl_and_mode_are_refused():
         mlstm_cell(*inputs, form="recurrent", impl="pallas")
     with pytest.raises(ValueError, match="mode='gla'"):
         cla.chunked_linear_attention(*_inputs(), mode="gla")
+
+
+def test_tpu_kernel_runs_on_per_device_shards_in_a_sharded_program():
+    """mlstm_cell(impl="pallas") in a program for 4 v5e chips, batch over data=2 and heads over tensor=2: each chip's
+    kernel sees its own 2 × 2 (batch, head) programs, not the global 4 × 4 (XLA would not partition the kernel)."""
+    pytest.importorskip("libtpu")
+    from jax.experimental import topologies
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
+    mesh = jax.sharding.Mesh(np.array(devices).reshape(2, 1, 2, 1), ("data", "fsdp", "tensor", "sequence"))
+    sharded = NamedSharding(mesh, PartitionSpec("data", "tensor"))
+    arg = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharded)
+    args = [arg(4, 4, 256, 64)] * 3 + [arg(4, 4, 256)] * 2
+    with jax.set_mesh(mesh), common.tracing_for("tpu"):
+        text = jax.jit(lambda *a: mlstm_cell(*a, chunk_size=64, impl="pallas")[0]).lower(*args).compile().as_text()
+    calls = [line for line in text.splitlines() if 'custom_call_target="tpu_custom_call"' in line]
+    assert len(calls) == 2
+    outputs = next(line for line in calls if "chunked_linear_attention_outputs" in line)
+    assert outputs.split("=")[1].strip().startswith("f32[4,4,64,64]"), outputs[:200]  # 2·2 programs, 4 chunks

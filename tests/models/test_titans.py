@@ -11,7 +11,7 @@ from lcjax.layers.params import logical_axes
 from lcjax.models import titans
 from lcjax.parallel.mesh import make_mesh
 from lcjax.train.step import Trainer
-from tests.conftest import packed_batch, tiny_run_losses
+from tests.conftest import assert_sharded_gradients_equal_one_device, packed_batch, tiny_run_losses
 
 SMALL = {
     "name": "titans",
@@ -180,6 +180,13 @@ def test_train_step_on_data_2_tensor_2_equals_one_device(variant):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
     w_qkv = params_4["layers"]["blocks"]["mixer"]["w_qkv"]
     assert w_qkv.sharding.spec[3] == "tensor"  # memory heads are split over `tensor`
+
+
+def test_memory_kernel_runs_per_device_shard():
+    """memory_impl=interpret under mesh data=2,tensor=2: the kernel runs on each device's batch and head shard
+    (`per_shard`; XLA does not partition a Pallas call), and loss and gradients equal one device's."""
+    config = _config({"memory_impl": "interpret"}, train={"batch_size": 4, "seq_len": 12})
+    assert_sharded_gradients_equal_one_device(config, packed_batch())
 
 
 def test_parameter_names_and_axes_are_pinned():

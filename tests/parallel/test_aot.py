@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax
+import pytest
 
 import configs.transformer as transformer_config
 from lcjax.config import from_config_dict
@@ -50,3 +51,30 @@ def test_train_step_with_ring_attention_compiles_for_tpu_with_pallas_blocks():
     report = compile_train_step(config, "v5e:2x2")
     assert report["fits"] is True and report["mesh"] == {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 4}
     assert report["pallas_kernel_calls"] >= 3
+
+
+def _recurrent_preset(module: str, preset: str, **model):
+    import importlib
+
+    config = from_config_dict(importlib.import_module(f"configs.{module}").get_config(preset))
+    return dataclasses.replace(
+        config,
+        model=dataclasses.replace(config.model, **model),
+        mesh=dataclasses.replace(config.mesh, data=2, tensor=2),
+    )
+
+
+@pytest.mark.parametrize(
+    "module,preset,model",
+    [
+        ("titans", "lmm-tiny", {"memory_impl": "pallas"}),
+        ("xlstm", "large-tiny", {"cell_impl": "pallas"}),
+        ("mamba2", "tiny", {"scan_impl": "pallas"}),
+    ],
+)
+def test_recurrent_kernels_compile_in_the_sharded_step_for_tpu(module, preset, model):
+    """The Titans memory and chunkwise linear-attention kernels in a data=2,tensor=2 step: each runs per device shard
+    (`per_shard`); without it the TPU compiler refuses ("Mosaic kernels cannot be automatically partitioned")."""
+    report = compile_train_step(_recurrent_preset(module, preset, **model), "v5e:2x2")
+    assert report["fits"] is True and report["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2, "sequence": 1}
+    assert report["pallas_kernel_calls"] >= 2  # forward and backward
