@@ -352,7 +352,7 @@ def _phase1(call, k, v, cols, state):
 def _phase2(call, q, k, v, cols, starts):
     programs, chunks = q.shape[:2]
     shapes = [q.shape, k.shape, v.shape, cols.shape, *(s.shape for s in starts)]
-    h_shape = (*v.shape[:-1], v.shape[-1])
+    h_shape = v.shape  # h has v's width, one block per chunk
     return pl.pallas_call(
         functools.partial(_outputs_kernel, call=call),
         grid=(programs, chunks),
@@ -388,13 +388,12 @@ def _kernel_bwd(call, residuals, cotangents):
     # phase 2 backward, every chunk in parallel: dq, the outputs' share of dk, dv, dcols, and the chunk-start states'
     shapes = [q.shape, k.shape, v.shape, cols.shape, *(s.shape for s in starts), dh.shape]
     out_shapes = [q.shape, k.shape, v.shape, cols.shape, *(s.shape for s in starts)]
-    out_dtypes = [jnp.float32] * len(out_shapes)
     outs = pl.pallas_call(
         functools.partial(_outputs_backward_kernel, call=call),
         grid=(programs, chunks),
         in_specs=_specs(shapes, ["chunk"] * len(shapes), 1, chunks),
         out_specs=_specs(out_shapes, ["chunk"] * len(out_shapes), 1, chunks),
-        out_shape=[jax.ShapeDtypeStruct(s, t) for s, t in zip(out_shapes, out_dtypes, strict=True)],
+        out_shape=[jax.ShapeDtypeStruct(s, jnp.float32) for s in out_shapes],
         interpret=call.interpret,
         name="chunked_linear_attention_outputs_bwd",
         **_params(call, ("parallel", "parallel")),
