@@ -42,6 +42,7 @@ class TrainConfig:
     profile_num_steps: int = 5
     peak_flops_per_device: float = 0.0
     grad_accum_steps: int = 1
+    sparse_logits: int = 0  # > 0: the train step's logits only at each row's labelled positions (at most this many)
     debug_nan_step: int = -1  # debug: make the gradients of this step non-finite (tests the skip path)
 
     def validate(self) -> None:
@@ -56,6 +57,8 @@ class TrainConfig:
             raise ConfigError("train.compute_dtype", f"must be 'float32' or 'bfloat16', got {self.compute_dtype!r}")
         if self.grad_clip < 0 or self.weight_decay < 0 or self.z_loss_weight < 0:
             raise ConfigError("train", "grad_clip, weight_decay and z_loss_weight must be >= 0")
+        if self.sparse_logits < 0:
+            raise ConfigError("train.sparse_logits", f"must be >= 0 (0: logits everywhere), got {self.sparse_logits}")
 
 
 TEXT_SOURCES = ("stdlib", "text", "jsonl", "arrayrecord")

@@ -88,6 +88,16 @@ CASES = {
         ["--config.data.source=mqar", "--config.model.vocab_size=512", "--config.task.num_kv_pairs=9"],
         "task.num_kv_pairs=9 with task.num_passes=1 needs 2*D*p + 2*D = 36 <= train.seq_len=32",
     ),
+    "sparse logits below the labels per row": (
+        [
+            "--config.data.source=mqar",
+            "--config.model.vocab_size=512",
+            "--config.task.num_kv_pairs=4",
+            "--config.train.sparse_logits=2",
+        ],
+        "train.sparse_logits=2 but a training row has 4 labelled positions",
+    ),
+    "negative sparse logits": (["--config.train.sparse_logits=-1"], "train.sparse_logits: must be >= 0"),
     "passkey longer than seq_len": (["--config.eval.tasks=passkey"], "train.seq_len=32 leaves no room"),
     "unwritable workdir": (["--workdir={base}/a_file/run"], "workdir: cannot write"),
     "init_from missing": (["--init_from={base}/nowhere"], "init_from"),

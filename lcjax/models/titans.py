@@ -48,6 +48,7 @@ from lcjax.layers.neural_memory import NeuralMemory, memory_widths
 from lcjax.layers.norms import RMSNorm
 from lcjax.layers.params import normal, param
 from lcjax.layers.stack import REMAT_POLICIES, LayerStack
+from lcjax.models.common import at_logit_positions
 from lcjax.parallel.sharding import constrain
 
 VARIANTS = ("lmm", "mac", "mag", "mal")
@@ -432,7 +433,7 @@ class Titans(nnx.Module):
         x = self._with_persistent(self._embed(tokens))
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
         x, _ = self.layers(x, None, segment_ids=segment_ids, positions=positions)
-        return self._logits(x[:, prefix:]), {}
+        return self._logits(at_logit_positions(x[:, prefix:], batch)), {}
 
     def init_cache(self, batch_size: int, max_len: int = 0, dtype: jnp.dtype = jnp.float32) -> dict[str, Any]:
         """Per-layer memory state (stacked along `layers`) after the persistent tokens; for mag/mal a key/value

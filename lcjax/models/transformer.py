@@ -20,6 +20,7 @@ from lcjax.layers.mlp import SwiGLU
 from lcjax.layers.norms import RMSNorm
 from lcjax.layers.params import normal, param
 from lcjax.layers.stack import REMAT_POLICIES, LayerStack
+from lcjax.models.common import at_logit_positions
 from lcjax.parallel import ring_attention as ring
 from lcjax.parallel.sharding import constrain
 
@@ -172,7 +173,7 @@ class Transformer(nnx.Module):
         x, _ = self.layers(self._embed(tokens, positions), None, positions=positions, segment_ids=segment_ids)
         if perm is not None:
             x = ring.from_layout(x, perm)
-        return self._logits(x), {}
+        return self._logits(at_logit_positions(x, batch)), {}
 
     def init_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype = jnp.float32) -> dict[str, Any]:
         """KV cache for `max_len` tokens: per-layer k/v stacked along `layers`, plus the next write index."""

@@ -38,6 +38,7 @@ from lcjax.layers.norms import RMSNorm
 from lcjax.layers.params import normal, ones, param
 from lcjax.layers.slstm import slstm_scan
 from lcjax.layers.stack import REMAT_POLICIES, LayerStack
+from lcjax.models.common import at_logit_positions
 from lcjax.parallel.sharding import constrain
 
 VARIANTS = ("large", "neurips")
@@ -476,7 +477,7 @@ class XLSTM(nnx.Module):
     def __call__(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Parallel form. batch: inputs [B, T] int32, optional segment_ids (exact resets). -> logits [B, T, V]."""
         x, _ = self.layers(self._embed(batch["inputs"]), None, segment_ids=batch.get("segment_ids"))
-        return self._logits(x), {}
+        return self._logits(at_logit_positions(x, batch)), {}
 
     def init_cache(self, batch_size: int, max_len: int = 0, dtype: jnp.dtype = jnp.float32) -> dict[str, Any]:
         """Every block's state (stacked along `layers`): the mLSTM (C̄, n̄, m), the sLSTM (y, c, n, m) and the conv

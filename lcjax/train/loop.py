@@ -26,7 +26,7 @@ from lcjax.parallel.mesh import make_mesh
 from lcjax.train.checkpoint import Checkpointer, parameter_layout
 from lcjax.train.metrics import MetricWriter, Progress, summarize
 from lcjax.train.preemption import PreemptionWatcher
-from lcjax.train.step import Trainer
+from lcjax.train.step import Trainer, check_sparse_logits
 
 
 @dataclasses.dataclass
@@ -263,6 +263,8 @@ def train(config: Config, workdir: str, *, init_from: str = "") -> dict[str, flo
     cfg, trainer = run.config, run.trainer
     batches, train_tokens = load_train_batches(run)
     eval_sets = load_eval_sets(run)
+    if cfg.train.sparse_logits:  # the first batch, before anything is written; every step checks its own
+        check_sparse_logits(batches[0], cfg.train.sparse_logits)
     state, checkpointer = _initial_state(run, workdir, init_from)
     if jax.process_index() == 0:  # only once the checkpoint (if any) was accepted
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -286,12 +288,11 @@ def train(config: Config, workdir: str, *, init_from: str = "") -> dict[str, flo
         train_step = train_step.lower(state, trainer.device_batch(batches[start_step])).compile()
         distributed.barrier("lcjax_steps_compiled")
     writer = MetricWriter(workdir)
-    progress = Progress(
-        cfg.train.steps,
-        start_step,
-        cfg.train.batch_size * cfg.train.seq_len,
-        cfg.model.flops_per_token(cfg.train.seq_len),
-    )
+    flops_per_token = cfg.model.flops_per_token(cfg.train.seq_len)
+    if cfg.train.sparse_logits:  # the vocabulary projection runs at sparse_logits of seq_len positions
+        unused = max(0.0, 1.0 - cfg.train.sparse_logits / cfg.train.seq_len)
+        flops_per_token -= 6 * cfg.model.d_model * cfg.model.vocab_size * unused
+    progress = Progress(cfg.train.steps, start_step, cfg.train.batch_size * cfg.train.seq_len, flops_per_token)
 
     def run_eval(step: int) -> dict[str, float]:
         started = time.perf_counter()
@@ -311,7 +312,10 @@ def train(config: Config, workdir: str, *, init_from: str = "") -> dict[str, flo
         for step in range(start_step, cfg.train.steps):
             if profiling and step == profile[0]:
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
-            state, metrics = train_step(state, trainer.device_batch(next(data_iter)))
+            local_batch = next(data_iter)
+            if cfg.train.sparse_logits:
+                check_sparse_logits(local_batch, cfg.train.sparse_logits)
+            state, metrics = train_step(state, trainer.device_batch(local_batch))
             window.append(metrics)
             done = step + 1
             if profiling and done == profile[1]:

@@ -17,16 +17,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lcjax import models
+from lcjax.errors import ConfigError
 from lcjax.layers.params import logical_axes
 from lcjax.parallel.sharding import constrain, named_sharding
 from lcjax.train.optimizer import decay_mask_from_axes, learning_rate_schedule, make_optimizer
 
-MODEL_INPUT_KEYS = ("inputs", "positions", "segment_ids", "prefix_mask")
+MODEL_INPUT_KEYS = ("inputs", "positions", "segment_ids", "prefix_mask", "logit_positions")
 BATCH_AXES = ("batch", "length")
 
 
@@ -40,6 +42,31 @@ def token_losses(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Ar
 
 def model_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+
+
+def at_labels(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
+    """`train.sparse_logits = n`: the batch with `logit_positions` [B, n], each row's labelled (`loss_mask`)
+    positions in order and then unlabelled ones, and `targets`/`loss_mask` taken there. The models project to the
+    vocabulary only at those positions; the loss is unchanged as long as no row has more than n labels
+    (`check_sparse_logits`)."""
+    unlabelled = batch["loss_mask"] <= 0
+    index = jnp.argsort(unlabelled, axis=1, stable=True)[:, :n].astype(jnp.int32)
+
+    def take(a):
+        return jnp.take_along_axis(a, index, axis=1)
+
+    return {**batch, "logit_positions": index, "targets": take(batch["targets"]), "loss_mask": take(batch["loss_mask"])}
+
+
+def check_sparse_logits(local_batch: dict[str, Any], n: int) -> None:
+    """Host-side guard for `at_labels`: a row with more than n labels would lose some, so that is an error."""
+    most = int((np.asarray(local_batch["loss_mask"]) > 0).sum(axis=1).max(initial=0))
+    if most > n:
+        raise ConfigError(
+            "train.sparse_logits",
+            f"={n} but a training row has {most} labelled positions; set it to at least the most labels a row "
+            "holds (MQAR: task.num_kv_pairs), or 0 for logits at every position",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +136,8 @@ class Trainer:
 
     def _objective(self, params: Any, batch: dict[str, jax.Array], total_tokens: jax.Array, num_micro: int):
         """This (micro-)batch's share of the batch objective, and its metric sums."""
+        if self.config.train.sparse_logits:
+            batch = at_labels(batch, self.config.train.sparse_logits)
         logits, aux = self.model(self._compute_params(params))(model_inputs(batch))
         nll, log_z = token_losses(logits, batch)
         mask = batch["loss_mask"].astype(jnp.float32)

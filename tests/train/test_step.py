@@ -158,3 +158,58 @@ def test_weight_decay_spares_stacked_norm_scales():
         np.testing.assert_array_equal(blocks[norm]["scale"], 0.0)
     np.testing.assert_array_equal(updates["final_norm"]["scale"], 0.0)
     assert float(jnp.abs(blocks["attn"]["wq"]).max()) > 0 and float(jnp.abs(updates["embed"]).max()) > 0
+
+
+SPARSE_MODELS = {
+    "transformer": {},
+    "mamba2": {"name": "mamba2", "d_state": 8, "head_dim": 16, "n_groups": 2, "chunk_size": 4},
+    "xlstm": {"name": "xlstm", "num_heads": 2, "chunk_size": 4},
+    "titans": {"name": "titans", "memory_heads": 2, "chunk_size": 4, "num_persistent": 2},
+}
+
+
+# Every model gathers with the same helper; two of them are `slow` (CI's budget).
+@pytest.mark.parametrize(
+    "name", [n if n in ("transformer", "titans") else pytest.param(n, marks=pytest.mark.slow) for n in SPARSE_MODELS]
+)
+def test_sparse_logits_give_the_full_loss_and_gradients(name):
+    """train.sparse_logits = n projects to the vocabulary only at each row's labels: same loss, same gradients, for
+    rows with 0..n labels anywhere (including the last position)."""
+    from lcjax.config import from_dict
+    from tests.conftest import SMALL_MODEL
+
+    model = {**SMALL_MODEL, **SPARSE_MODELS[name]}
+    model = {k: v for k, v in model.items() if name == "transformer" or k not in ("num_kv_heads",)}
+    if name in ("mamba2", "xlstm"):
+        model.pop("mlp_dim")
+    if name == "mamba2":
+        model.pop("num_heads")
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1}, devices=jax.devices()[:1])
+    full = Trainer.create(from_dict({"model": model, "train": {"z_loss_weight": 1e-2}}), mesh)
+    sparse = Trainer.create(from_dict({"model": model, "train": {"z_loss_weight": 1e-2, "sparse_logits": 3}}), mesh)
+    batch = _pattern_batch(batch_size=4, seq_len=16, seed=1)
+    batch["loss_mask"][:] = 0
+    batch["loss_mask"][0, [2, 9, 15]] = 1  # the row limit, the last position included
+    batch["loss_mask"][1, [0]] = 1
+    batch["loss_mask"][3, [5, 6]] = 1  # row 2 has none
+    params = full.init_state(0)["params"]
+    (loss_f, metrics_f), grads_f = jax.jit(jax.value_and_grad(full._loss, has_aux=True))(params, batch)
+    (loss_s, metrics_s), grads_s = jax.jit(jax.value_and_grad(sparse._loss, has_aux=True))(params, batch)
+    assert float(metrics_s["tokens"]) == 6.0
+    np.testing.assert_allclose(loss_s, loss_f, rtol=1e-6)
+    np.testing.assert_allclose(metrics_s["z_loss"], metrics_f["z_loss"], rtol=1e-6)
+    flat_f, flat_s = jax.tree.leaves(grads_f), jax.tree.leaves(grads_s)
+    assert max(float(jnp.abs(g).max()) for g in flat_f) > 0
+    for a, b in zip(flat_f, flat_s, strict=True):
+        np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-5)
+
+
+def test_sparse_logits_reject_rows_with_more_labels():
+    from lcjax.errors import ConfigError
+    from lcjax.train.step import check_sparse_logits
+
+    batch = {"loss_mask": np.zeros((2, 8), np.float32)}
+    batch["loss_mask"][1, :3] = 1
+    check_sparse_logits(batch, 3)
+    with pytest.raises(ConfigError, match="train.sparse_logits.*3 labelled positions"):
+        check_sparse_logits(batch, 2)
