@@ -78,6 +78,18 @@ def _with_value(task: config_lib.TaskConfig, name: str, value: float) -> config_
     return dataclasses.replace(task, **{parameter: kind(value)})
 
 
+def overrides_for(spec: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The overrides that apply to model `spec` ("family:preset"): every plain `section.key`, and the ones written
+    `family:section.key` or `family:preset:section.key` for this model (these win over plain ones)."""
+    family = spec.partition(":")[0]
+    plain = {k: v for k, v in overrides.items() if ":" not in k}
+    for key, value in overrides.items():
+        prefix, _, dotted = key.rpartition(":")
+        if prefix and prefix in (family, spec):
+            plain[dotted] = value
+    return plain
+
+
 def stage_config(base: config_dict.ConfigDict, task: str, stage: Stage, overrides: dict[str, Any]):
     """The typed, validated config of one training stage of one model."""
     values = base.to_dict()
@@ -89,7 +101,7 @@ def stage_config(base: config_dict.ConfigDict, task: str, stage: Stage, override
     values["data"]["source"] = task
     values["train"]["seq_len"] = stage.seq_len
     values["train"]["steps"] = stage.steps
-    values["checkpoint"]["every"] = max(stage.steps, 1)
+    values["checkpoint"]["every"] = max(min(stage.steps, 500), 1)  # an interrupted stage resumes from its last 500
     config = config_lib.from_dict(values)
     config = dataclasses.replace(config, task=_with_value(config.task, task, stage.value))
     return config.validate(jax.device_count())
@@ -258,14 +270,20 @@ def compare(
     """Trains and scores every model; writes the report; returns {model: grid rows}."""
     if task not in SWEEP_PARAMETER:
         raise ConfigError("task", f"unknown task {task!r}; expected one of {sorted(SWEEP_PARAMETER)}")
+    known = {m.partition(":")[0] for m in models} | set(models)
+    for key in overrides:
+        prefix = key.rpartition(":")[0]
+        if prefix and prefix not in known:
+            raise ConfigError("set", f"{key!r} names {prefix!r}, which is none of the compared models {list(models)}")
     results, timings = {}, {}
     for n, spec in enumerate(models, 1):
         print(f"== model {n}/{len(models)}: {spec}", flush=True)
         base = load_preset(spec, configs_dir)
         started = time.perf_counter()
-        last_dir = train_model(spec, base, task, stages, overrides, workdir)
+        mine = overrides_for(spec, overrides)
+        last_dir = train_model(spec, base, task, stages, mine, workdir)
         timings[spec] = time.perf_counter() - started
-        config = stage_config(base, task, stages[-1], overrides)
+        config = stage_config(base, task, stages[-1], mine)
         results[spec] = score_grid(config, last_dir, task, seq_lens, values)
         for r in results[spec]:
             score = f"{100 * r['answer_accuracy']:.1f}%" if "answer_accuracy" in r else "n/a"

@@ -59,3 +59,21 @@ def test_compare_trains_stages_scores_the_grid_and_writes_the_report(tmp_path, c
     base = compare.load_preset("transformer:tiny", os.path.join(ROOT, "configs"))
     compare.train_model("transformer:tiny", base, "mqar", stages, OVERRIDES, str(tmp_path / "runs"))
     assert read_metrics(str(last), "train") == before
+
+
+def test_family_overrides_apply_only_to_their_models():
+    import pytest
+
+    from lcjax.errors import ConfigError
+
+    overrides = {"model.num_layers": 2, "transformer:model.num_kv_heads": 4, "titans:mac-tiny:model.window": 8}
+    assert compare.overrides_for("transformer:tiny", overrides) == {"model.num_layers": 2, "model.num_kv_heads": 4}
+    assert compare.overrides_for("titans:mac-tiny", overrides) == {"model.num_layers": 2, "model.window": 8}
+    assert compare.overrides_for("titans:mag-tiny", overrides) == {"model.num_layers": 2}
+    assert compare.overrides_for("mamba2:tiny", {"model.d_model": 64, "mamba2:model.d_model": 96}) == {
+        "model.d_model": 96
+    }  # the family's value wins
+    with pytest.raises(ConfigError, match="'xlstm:model.num_heads=8'|names 'xlstm'"):
+        compare.compare(
+            ["transformer:tiny"], "mqar", [], [], [], {"xlstm:model.num_heads": 8}, "/nonexistent", "/nonexistent", ""
+        )
