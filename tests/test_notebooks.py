@@ -40,7 +40,7 @@ def test_quickstart_runs(tmp_path):
     images = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
     assert len(images) == 2  # the loss curve and the MQAR accuracy curve
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    assert "bits_per_byte" in text and "def read_config(path):" in text and "MQAR (L=64, D=16) answer accuracy" in text
+    assert "bits_per_byte" in text and "def read_config(path):" in text and "MQAR (L=64, D=4) answer accuracy" in text
     with open(workdir / "mqar" / "eval.json") as f:
         report = json.load(f)
     assert report["step"] == 4 and 0.0 <= report["tasks"]["mqar"]["answer_accuracy"] <= 1.0
