@@ -19,9 +19,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
+from flax import nnx
 from ml_collections import config_dict
 
 from lcjax import config as config_lib
+from lcjax import models as models_lib
 from lcjax.data import pipeline
 from lcjax.errors import ConfigError
 from lcjax.eval.perplexity import evaluate
@@ -155,6 +158,12 @@ def score_grid(config, workdir: str, task: str, seq_lens: Sequence[int], values:
     return rows
 
 
+def count_parameters(config) -> int:
+    """Parameters of the model `config` builds (shapes only; nothing is allocated)."""
+    abstract = nnx.eval_shape(lambda: models_lib.build(config, nnx.Rngs(0)))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract)))
+
+
 def write_report(results: dict[str, list[dict]], task: str, out_dir: str, meta: dict[str, Any]) -> list[str]:
     """comparison.md (+ comparison.json) and PNG plots in `out_dir`; returns the written paths."""
     os.makedirs(out_dir, exist_ok=True)
@@ -275,7 +284,7 @@ def compare(
         prefix = key.rpartition(":")[0]
         if prefix and prefix not in known:
             raise ConfigError("set", f"{key!r} names {prefix!r}, which is none of the compared models {list(models)}")
-    results, timings = {}, {}
+    results, timings, sizes = {}, {}, {}
     for n, spec in enumerate(models, 1):
         print(f"== model {n}/{len(models)}: {spec}", flush=True)
         base = load_preset(spec, configs_dir)
@@ -284,6 +293,7 @@ def compare(
         last_dir = train_model(spec, base, task, stages, mine, workdir)
         timings[spec] = time.perf_counter() - started
         config = stage_config(base, task, stages[-1], mine)
+        sizes[spec] = count_parameters(config)
         results[spec] = score_grid(config, last_dir, task, seq_lens, values)
         for r in results[spec]:
             score = f"{100 * r['answer_accuracy']:.1f}%" if "answer_accuracy" in r else "n/a"
@@ -293,6 +303,7 @@ def compare(
     meta = {
         "stages (seq_len:value:steps)": ", ".join(f"{s.seq_len}:{s.value:g}:{s.steps}" for s in stages),
         "overrides": ", ".join(f"{k}={v}" for k, v in overrides.items()) or "none",
+        "parameters": ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in sizes.items()),
         "training wall time (s)": ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
     }

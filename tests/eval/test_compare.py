@@ -47,6 +47,10 @@ def test_compare_trains_stages_scores_the_grid_and_writes_the_report(tmp_path, c
     assert "stage 2/2" in capsys.readouterr().out
     table = (tmp_path / "out" / "comparison.md").read_text()
     assert "| model | L=32 D=2 | L=32 D=16 | L=64 D=2 | L=64 D=16 |" in table
+    # d 32, 2 layers of (4 attention matrices 32x32 with 4 heads and 2 kv heads of 8 + SwiGLU 3x32x64 + 2 norms),
+    # the final norm, tied embeddings 160x32
+    attention = 32 * 32 + 2 * 32 * 16 + 32 * 32
+    assert f"- parameters: transformer:tiny {(2 * (attention + 3 * 32 * 64 + 64) + 32 + 160 * 32) / 1e6:.2f}M" in table
     line = next(x for x in table.splitlines() if x.startswith("| transformer:tiny"))
     assert line.split(" | ")[2] == "n/a" and line.count("%") == 3
     saved = json.loads((tmp_path / "out" / "comparison.json").read_text())
