@@ -67,29 +67,50 @@ def _matmul(x, y):
     return jnp.einsum("...ij,...jk->...ik", x, y)
 
 
-def chunk_step(weights, momentum, q, k, v, gamma, cols, ref=None):
-    """One chunk (module docstring): returns (y `[..., c, d_v]`, new weights, new momentum). The gradients are taken
-    at `ref` (default: the weights; a streaming caller resuming inside a chunk passes that chunk's start memory)."""
-    a, b, last, sigma = (_column(cols, i) for i in range(4))
-    e, a_last, b_last = (jnp.mean(_column(cols, i), axis=-2, keepdims=True) for i in (4, 5, 6))  # [..., 1, 1]
-    ref = weights if ref is None else ref
+def _token_gradients(ref, k, v):
+    """Per-token gradient factors at the memory `ref`: the layer inputs h^(l−1) and errors δ^l (u^l = h^(l−1)ᵀ δ^l)."""
     inputs, pre, h = [], [], k
     for layer, w in enumerate(ref):
         inputs.append(h)
         pre.append(_matmul(h, w))
-        if layer < len(weights) - 1:
+        if layer < len(ref) - 1:
             h = jax.nn.silu(pre[-1])
     errors = [2 * (pre[-1] - v)]
     for layer in range(len(ref) - 1, 0, -1):
         errors.insert(0, _rows_by_cols(errors[0], ref[layer]) * _silu_grad(pre[layer - 1]))
+    return inputs, errors
+
+
+def chunk_step(weights, momentum, q, k, v, gamma, cols, ref=None, init=None, reset_cols=None):
+    """One chunk (module docstring): returns (y `[..., c, d_v]`, new weights, new momentum). The gradients are taken
+    at `ref` (default: the weights; a streaming caller resuming inside a chunk passes that chunk's start memory).
+
+    Document resets (`reset_cols` `[..., c, 2]`, with the restart memory `init` per layer): column 0 is c_t, the
+    coefficient of `init` in M_t, column 1 is 1 from the chunk's first document start on (those tokens take their
+    gradients at `init`); a, b, Γ, σ, e already vanish across a reset (`neural_memory._chunk_coefficients`). So
+    M_t = a_t M + b_t S + c_t init + Σ Γ_(t,i) u_i, and retrieval gains c_t g init^l per layer."""
+    a, b, last, sigma = (_column(cols, i) for i in range(4))
+    e, a_last, b_last = (jnp.mean(_column(cols, i), axis=-2, keepdims=True) for i in (4, 5, 6))  # [..., 1, 1]
+    ref = weights if ref is None else ref
+    inputs, errors = _token_gradients(ref, k, v)
+    if reset_cols is not None:
+        restart, after = reset_cols[..., 0:1], reset_cols[..., 1:2] > 0  # [..., c, 1]
+        restart_last = restart[..., -1:, :]
+        inputs_0, errors_0 = _token_gradients(init, k, v)
+        inputs = [jnp.where(after, x0, x) for x0, x in zip(inputs_0, inputs, strict=True)]
+        errors = [jnp.where(after, x0, x) for x0, x in zip(errors_0, errors, strict=True)]
     g = q
     for layer, (w, s, h, delta) in enumerate(zip(weights, momentum, inputs, errors, strict=True)):
         z = a * _matmul(g, w) + b * _matmul(g, s) + _matmul(gamma * _rows_by_cols(g, h), delta)
+        if reset_cols is not None:
+            z = z + restart * _matmul(g, init[layer])
         g = jax.nn.silu(z) if layer < len(weights) - 1 else z
     new_weights = [
         a_last * w + b_last * s + _transposed_by(last * h, delta)
         for w, s, h, delta in zip(weights, momentum, inputs, errors, strict=True)
     ]
+    if reset_cols is not None:
+        new_weights = [w + restart_last * w0 for w, w0 in zip(new_weights, init, strict=True)]
     new_momentum = [
         e * s + _transposed_by(sigma * h, delta) for s, h, delta in zip(momentum, inputs, errors, strict=True)
     ]

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels_pallas import titans_memory
+from kernels_pallas import common, titans_memory
 from lcjax.layers.params import normal, ones, param
 from lcjax.parallel.sharding import constrain, per_shard
 
@@ -75,6 +75,7 @@ def memory_scan(
     chunk_size: int,
     initial_momentum: Sequence[jax.Array] | None = None,
     impl: str = "xla",
+    resets: jax.Array | None = None,
 ) -> tuple[jax.Array, tuple[Weights, Weights]]:
     """Stores (k_t, v_t) and retrieves y_t = M_t(q_t) for every token, chunk-parallel (see the module docstring).
 
@@ -88,6 +89,11 @@ def memory_scan(
       initial_momentum: S_0 with the layout of `init_weights` (zeros when None).
       impl: "xla" (a `lax.scan` over chunks) or the fused Pallas kernel, "pallas" | "interpret" | "auto" (see
         `kernels_pallas.titans_memory`; the kernel runs float32 inputs, anything else takes the scan).
+      resets: packed documents, `[batch, length]` or `[batch, heads, length]`, 1 (True) where a document starts:
+        there M_(t−1) is replaced by M_0 and S_(t−1) by 0, and the tokens of that chunk from the reset on take their
+        gradients at M_0, as if the chunk started there (exactly the per-token recurrence with that rule; a
+        document starting on a chunk boundary runs as it would alone). A reset at position 0 changes nothing. Resets
+        run the XLA scan whatever `impl` says.
 
     Returns:
       y `[batch, heads, length, value_dim]` and the final `(weights, momentum)`, each `[batch, heads, d_in, d_out]`
@@ -96,10 +102,34 @@ def memory_scan(
       memory for streaming).
     """
     weights0, momentum0 = _initial_state(init_weights, initial_momentum, q)
+    restart = None
+    if resets is not None:
+        resets, restart = _resets(resets, q), _initial_state(init_weights, None, q)[0]
     y, (_, weights, momentum_state) = memory_scan_from(
-        (weights0, weights0, momentum0), q, k, v, lr, momentum, decay, chunk_size=chunk_size, offset=0, impl=impl
+        (weights0, weights0, momentum0),
+        q,
+        k,
+        v,
+        lr,
+        momentum,
+        decay,
+        chunk_size=chunk_size,
+        offset=0,
+        impl=impl,
+        resets=resets,
+        init=restart,
     )
     return y, (weights, momentum_state)
+
+
+def _resets(resets, q):
+    """resets `[batch, length]` or `[batch, heads, length]` -> `[batch, heads, length]` in q's dtype."""
+    batch, heads, length = q.shape[:3]
+    if resets.shape == (batch, length):
+        resets = resets[:, None, :]
+    if resets.ndim != 3 or resets.shape[0] != batch or resets.shape[2] != length or resets.shape[1] not in (1, heads):
+        raise ValueError(f"resets {resets.shape}: expected [batch, length] or [batch, heads, length] = {q.shape[:3]}")
+    return jnp.broadcast_to(resets, (batch, heads, length)).astype(q.dtype)
 
 
 def memory_scan_from(
@@ -114,6 +144,8 @@ def memory_scan_from(
     chunk_size: int,
     offset: int | jax.Array,
     impl: str = "xla",
+    resets: jax.Array | None = None,
+    init: Weights | None = None,
 ) -> tuple[jax.Array, tuple[Weights, Weights, Weights]]:
     """`memory_scan` continuing a chunk: `state = (W_ref, M, S)` with `offset` tokens of the current chunk done.
 
@@ -124,6 +156,9 @@ def memory_scan_from(
     Returns y and the state after the last token, whose W_ref is the start memory of the chunk that is still
     open (M itself when the tokens end on a chunk boundary). All state arrays are `[batch, heads, d_in, d_out]`.
     `offset` may be traced (streaming decode): the tokens are then placed in a buffer long enough for any offset.
+    `resets` `[batch, heads, length]` (1 where a document starts) restart the memory from `init` (M_0 per layer,
+    `[batch, heads, d_in, d_out]`) and the momentum from 0 there, and the rest of that chunk takes its gradients at
+    `init` (see `memory_scan`); they take the scan, not the kernel.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
@@ -150,10 +185,21 @@ def memory_scan_from(
 
     valid = chunked(jnp.ones((batch, heads, length), q.dtype))
     # Padding leaves the state alone: θ = 0, η = 1, α = 0 (and the decay scan ignores it through `valid`).
-    coeffs = _chunk_coefficients(chunked(lr), chunked(momentum, 1.0), chunked(decay), valid)
-    xs = (chunked(q), chunked(k), chunked(v), coeffs, jnp.arange(num_chunks))
+    if resets is None:
+        coeffs = _chunk_coefficients(chunked(lr), chunked(momentum, 1.0), chunked(decay), valid)
+        reset_cols = None
+    else:
+        if resets.shape != (batch, heads, length) or init is None:
+            expected = (batch, heads, length)
+            raise ValueError(f"resets {resets.shape} must be [batch, heads, length] = {expected}, with init")
+        *coeffs, reset_cols = _chunk_coefficients(
+            chunked(lr), chunked(momentum, 1.0), chunked(decay), valid, chunked(resets.astype(q.dtype))
+        )
+        if impl != "xla":
+            common.say_once("titans_memory: document resets run the XLA chunk scan, not the kernel")
+    xs = (chunked(q), chunked(k), chunked(v), tuple(coeffs), jnp.arange(num_chunks), reset_cols)
     ref0, weights0, momentum0 = state
-    if static_offset and offset == 0:  # a fresh chunk (W_ref = M): the fused kernel's case
+    if static_offset and offset == 0 and resets is None:  # a fresh chunk (W_ref = M): the fused kernel's case
         if impl not in IMPLS:
             raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
         kernel_impl = "reference" if impl == "xla" else impl
@@ -171,11 +217,14 @@ def memory_scan_from(
 
         def body(carry, inputs):
             ref, weights, momentum_state, open_ref = carry
-            q_c, k_c, v_c, (gamma, cols), index = inputs
+            q_c, k_c, v_c, (gamma, cols), index, reset_c = inputs
             ref = _select(index == 0, ref, weights)
-            open_ref = _select(index == open_chunk, ref, open_ref)
+            chunk_ref = ref  # the reference of this chunk's later tokens: the restart memory after a reset
+            if reset_c is not None:
+                chunk_ref = _select(reset_c[..., -1, 1:2, None] > 0, init, ref)
+            open_ref = _select(index == open_chunk, chunk_ref, open_ref)
             y_c, weights, momentum_state = titans_memory.chunk_step(
-                weights, momentum_state, q_c, k_c, v_c, gamma, cols, ref=ref
+                weights, momentum_state, q_c, k_c, v_c, gamma, cols, ref=ref, init=init, reset_cols=reset_c
             )
             return (ref, weights, momentum_state, open_ref), y_c
 
@@ -203,12 +252,16 @@ def memory_scan_reference(
     *,
     chunk_size: int,
     initial_momentum: Sequence[jax.Array] | None = None,
+    resets: jax.Array | None = None,
 ) -> tuple[jax.Array, tuple[Weights, Weights]]:
     """The oracle: one `lax.scan` step per token, gradients by `jax.grad` at the chunk-start memory.
 
-    Same arguments and results as `memory_scan`; memory O(|W|), time O(length) sequential steps.
+    Same arguments and results as `memory_scan`; memory O(|W|), time O(length) sequential steps. A reset at t
+    replaces the memory, the momentum and the chunk's gradient reference by M_0, 0 and M_0 before token t.
     """
     weights0, momentum0 = _initial_state(init_weights, initial_momentum, q)
+    restart = _initial_state(init_weights, None, q)[0]
+    resets = jnp.zeros(q.shape[:3], q.dtype) if resets is None else _resets(resets, q)
 
     def inner_loss(weights, key, value):
         return jnp.sum((memory_read(weights, key[None])[0] - value) ** 2)
@@ -217,8 +270,11 @@ def memory_scan_reference(
 
     def body(carry, inputs):
         ref, weights, momentum_state = carry
-        q_t, k_t, v_t, lr_t, momentum_t, decay_t, t = inputs
+        q_t, k_t, v_t, lr_t, momentum_t, decay_t, reset_t, t = inputs
         ref = _select(t % chunk_size == 0, weights, ref)
+        restart_here = reset_t[..., None, None] > 0
+        ref, weights = (_select(restart_here, restart, w) for w in (ref, weights))
+        momentum_state = _select(restart_here, [jnp.zeros_like(s) for s in momentum_state], momentum_state)
         grads = per_token_grad(ref, k_t, v_t)
         momentum_state = [
             momentum_t[..., None, None] * s - lr_t[..., None, None] * g
@@ -228,7 +284,7 @@ def memory_scan_reference(
         y_t = jax.vmap(jax.vmap(lambda w, x: memory_read(w, x[None])[0]))(weights, q_t)
         return (ref, weights, momentum_state), y_t
 
-    time_major = [jnp.moveaxis(x, 2, 0) for x in (q, k, v, lr, momentum, decay)]
+    time_major = [jnp.moveaxis(x, 2, 0) for x in (q, k, v, lr, momentum, decay, resets)]
     carry = (weights0, weights0, momentum0)
     (_, weights, momentum_state), y = jax.lax.scan(body, carry, (*time_major, jnp.arange(q.shape[2])))
     return jnp.moveaxis(y, 0, 2), (weights, momentum_state)
@@ -271,28 +327,37 @@ def _layers(weights, x):
     return inputs, pre
 
 
-def _chunk_coefficients(lr, momentum, decay, valid):
+def _chunk_coefficients(lr, momentum, decay, valid, reset=None):
     """Scalar coefficients of one chunk's state in terms of (u_i, S_0, M_0), from two associative scans.
 
     Inputs `[..., chunk]`. Returns gamma `[..., chunk, chunk]` (M_t in u_i) and the columns of
     `kernels_pallas.titans_memory.pack_columns`: a (M_t in M_0), b (M_t in S_0), sigma (the chunk-end S in u_i) and
-    e (it in S_0).
+    e (it in S_0). With `reset` (1 where a document starts) also the `reset_cols` of `titans_memory.chunk_step`:
+    c_t (M_t in the restart memory) and 1 from the chunk's first reset on. A reset at r sets S_(r−1) = 0 and
+    M_(r−1) = the restart memory, so every coefficient of the state before it (a, b, e, Γ and σ of earlier tokens)
+    is 0 from r on.
     """
     size = lr.shape[-1]
     eye = jnp.eye(size, dtype=lr.dtype)
     first = jnp.zeros(size, lr.dtype).at[0].set(1)
+    keep = 1.0 if reset is None else 1 - reset
 
     def linear(earlier, later):  # h_t = a_t h_(t−1) + x_t
         return later[0] * earlier[0], later[0] * earlier[1] + later[1]
 
     # S_t = η_t S_(t−1) − θ_t u_t; columns: u_1..u_c, then S_0.
-    x_s = jnp.concatenate([-lr[..., None] * eye, (momentum * first)[..., None]], axis=-1)
-    _, s = jax.lax.associative_scan(linear, (momentum[..., None], x_s), axis=-2)
-    # M_t = (1 − α_t) M_(t−1) + S_t on valid tokens; columns: u_1..u_c, S_0, then M_0.
-    x_m = jnp.concatenate([valid[..., None] * s, ((1 - decay) * first)[..., None]], axis=-1)
-    _, m = jax.lax.associative_scan(linear, ((1 - decay)[..., None], x_m), axis=-2)
+    x_s = jnp.concatenate([-lr[..., None] * eye, (momentum * first * keep)[..., None]], axis=-1)
+    _, s = jax.lax.associative_scan(linear, ((momentum * keep)[..., None], x_s), axis=-2)
+    # M_t = (1 − α_t) M_(t−1) + S_t on valid tokens; columns: u_1..u_c, S_0, M_0, then the restart memory.
+    restart = [] if reset is None else [((1 - decay) * reset)[..., None]]
+    x_m = jnp.concatenate([valid[..., None] * s, ((1 - decay) * first * keep)[..., None], *restart], axis=-1)
+    _, m = jax.lax.associative_scan(linear, (((1 - decay) * keep)[..., None], x_m), axis=-2)
     gamma = m[..., :size]
-    return gamma, titans_memory.pack_columns(gamma, m[..., size + 1], m[..., size], s[..., -1, :size], s[..., -1, size])
+    cols = titans_memory.pack_columns(gamma, m[..., size + 1], m[..., size], s[..., -1, :size], s[..., -1, size])
+    if reset is None:
+        return gamma, cols
+    after = jax.lax.cummax(reset, axis=reset.ndim - 1)
+    return gamma, cols, jnp.stack([m[..., size + 2], after], axis=-1)
 
 
 class NeuralMemory(nnx.Module):
@@ -306,9 +371,10 @@ class NeuralMemory(nnx.Module):
         per-chunk option of §3.2);
       y = memory_scan(M_0, q, k, v, θ, η, α) with a learned initial memory M_0 per head;
       out = (RMSNorm(y) ⊙ silu(x W_g)) W_o.
-    The memory recurrence runs in float32 whatever the compute dtype; `impl` picks its chunk scan (`IMPLS`). It runs
-    across packed-document boundaries (only the convolution restarts at a new `segment_id`): train the memory on
-    unpacked rows where that matters.
+    The memory recurrence runs in float32 whatever the compute dtype; `impl` picks its chunk scan (`IMPLS`). Packed
+    documents (`segment_ids`): the convolution restarts at a new document and, with `document_resets` (default), so
+    do the memory (M_0), the momentum (0) and the gradient reference of the chunk (`memory_scan`'s `resets`; those
+    rows take the XLA scan, not the kernel). With `document_resets=False` the memory runs across documents.
     """
 
     def __init__(
@@ -327,12 +393,13 @@ class NeuralMemory(nnx.Module):
         rngs: nnx.Rngs,
         impl: str = "xla",
         gates: str = "token",
+        document_resets: bool = True,
     ):
         if impl not in IMPLS:
             raise ValueError(f"NeuralMemory: impl={impl!r}; expected one of {IMPLS}")
         if gates not in GATES:
             raise ValueError(f"NeuralMemory: gates={gates!r}; expected one of {GATES}")
-        self.gates = gates
+        self.gates, self.document_resets = gates, document_resets
         self.num_heads, self.head_dim, self.chunk_size, self.conv_size = num_heads, head_dim, chunk_size, conv_size
         self.max_lr, self.impl = max_lr, impl
         self.w_qkv = param(
@@ -471,10 +538,33 @@ class NeuralMemory(nnx.Module):
             jax.nn.sigmoid(gates[:, 1]),
             jax.nn.sigmoid(gates[:, 2]),
         )
+        resets = restart = None
+        if segment_ids is not None and self.document_resets:
+            resets = self.document_starts(segment_ids, history_segments)
+            resets = jnp.broadcast_to(resets[:, None], q.shape[:3]).astype(q.dtype)
+            restart = self._initial_state(x.shape[0])[1]
         y, new_state = memory_scan_from(
-            state, q, k, v, lr, momentum, decay, chunk_size=self.chunk_size, offset=offset, impl=self.impl
+            state,
+            q,
+            k,
+            v,
+            lr,
+            momentum,
+            decay,
+            chunk_size=self.chunk_size,
+            offset=offset,
+            impl=self.impl,
+            resets=resets,
+            init=restart,
         )
         return self._output(y, x), (history, new_state, chunk_gates)
+
+    @staticmethod
+    def document_starts(segment_ids, history_segments=None):
+        """[batch, n] bool: True where a token's document differs from the previous token's (the last of
+        `history_segments` `[batch, taps]` before the first token; without history the first token starts none)."""
+        previous = segment_ids[:, :1] if history_segments is None else history_segments[:, -1:]
+        return segment_ids != jnp.concatenate([previous, segment_ids[:, :-1]], axis=1)
 
 
 def _identity_tap(key, shape, dtype):

@@ -78,6 +78,8 @@ class TitansConfig:
     # TPU, Triton on GPU, interpret mode on CPU) | auto (the kernel on TPU/GPU, xla on CPU) | interpret.
     memory_impl: str = "xla"
     memory_gates: str = "token"  # θ, η, α per token | per chunk (those of the chunk's first token; paper §3.2)
+    # Packed documents restart the memory at M_0 (XLA scan); False: the memory runs across them (the kernel can run).
+    memory_resets: bool = True
     # Learned persistent-memory tokens: prepended to the sequence (lmm/mag/mal), or per layer to every segment's
     # attention context (mac).
     num_persistent: int = 4
@@ -247,6 +249,7 @@ class Block(nnx.Module):
             rngs=rngs,
             impl=cfg.memory_impl,
             gates=cfg.memory_gates,
+            document_resets=cfg.memory_resets,
         )
         if cfg.variant in ATTENTION_VARIANTS:  # mac's attention is segment-local: the window does not apply
             self.attn = WindowAttention(cfg, out_std=out_std, rngs=rngs)
@@ -341,7 +344,11 @@ class Block(nnx.Module):
         def body(carry, inputs):
             store_history, history_segments, state, chunk_gates = carry
             h_s, q_s, seg_s, index = inputs
-            r = self.read_norm(mixer.read(q_s, state[1], h_s))  # M*_(t−1)(q_t): the memory before the segment
+            r = mixer.read(q_s, state[1], h_s)  # M*_(t−1)(q_t): the memory before the segment
+            if seg_s is not None and mixer.document_resets:  # tokens of a document begun since then read M_0
+                fresh = jax.lax.cummax(mixer.document_starts(seg_s, history_segments).astype(jnp.int32), axis=1)
+                r = jnp.where(fresh[..., None] > 0, mixer.read(q_s, mixer._initial_state(batch)[1], h_s), r)
+            r = self.read_norm(r)
             q, k, v = self._mac_context(h_s, r, positions)
             mask = segment_mask(q_index, size=size, prefix=prefix, q_segments=seg_s, k_segments=seg_s)
             y = self.attn._output(dot_product_attention(q, k, v, mask, scale=self.attn.head_dim**-0.5))

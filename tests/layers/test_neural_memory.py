@@ -201,3 +201,76 @@ def test_per_chunk_gates_are_those_of_the_chunks_first_token():
     np.testing.assert_array_equal(resumed[..., 0], cached)  # the rest of that chunk
     np.testing.assert_allclose(resumed[..., 1:4], jnp.repeat(token[..., 1:2], 3, axis=-1), rtol=1e-6)  # new chunk
     np.testing.assert_allclose(open_gates, token[..., 1], rtol=1e-6)
+
+
+def _doc_resets(length, starts, batch=BATCH):
+    resets = np.zeros((batch, length))
+    resets[0, starts] = 1  # row 1 is one document
+    return jnp.asarray(resets)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_document_resets_chunked_equal_the_per_token_rule_for_every_chunk_size(x64, depth):
+    """Packed documents starting at 4 (mid-chunk for chunk 7 and 13), 5 and 11: the chunked form equals the per-token
+    oracle (restart memory M_0, momentum 0, gradient reference M_0 until the next chunk) in outputs, final memory
+    and momentum, also with an initial momentum and with two starts inside one chunk; gradients too."""
+    length = 13
+    args = make_inputs(3, length, depth)
+    momentum0 = [0.1 * jnp.ones_like(w) for w in args[0]]
+    resets = _doc_resets(length, [4, 5, 11])
+    for chunk_size in (1, 2, 7, length):
+        got = memory_scan(*args, chunk_size=chunk_size, initial_momentum=momentum0, resets=resets)
+        want = memory_scan_reference(*args, chunk_size=chunk_size, initial_momentum=momentum0, resets=resets)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-11, err_msg=f"chunk {chunk_size}")
+    y_free, _ = memory_scan(*args, chunk_size=length, initial_momentum=momentum0)  # as `got`, the last
+    assert np.abs(np.asarray(got[0] - y_free)[0, :, 4:]).max() > 1e-3  # the resets changed document 2 onwards
+    np.testing.assert_allclose(got[0][1], y_free[1], rtol=1e-10, atol=1e-11)  # the unpacked row is unchanged
+
+    def loss(fn, inputs):
+        y, (w, s) = fn(*inputs, chunk_size=7, resets=resets)
+        return jnp.sum(jnp.sin(y)) + sum(jnp.sum(x**2) for x in w + s)
+
+    grads = jax.grad(lambda a: loss(memory_scan, a))(args)
+    grads_ref = jax.grad(lambda a: loss(memory_scan_reference, a))(args)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4])
+def test_a_document_starting_on_a_chunk_boundary_runs_as_it_would_alone(x64, chunk_size):
+    """Two documents packed at a chunk boundary (8 = 2 chunks of 4): the second document's outputs equal those of a
+    run of it alone, and the first's those of the first alone; with chunk 1 any boundary (here 8) is one."""
+    init, q, k, v, lr, momentum, decay = make_inputs(4, 14, 2)
+    resets = jnp.zeros((BATCH, 14)).at[:, 8].set(1)
+    y, (weights, surprise) = memory_scan(init, q, k, v, lr, momentum, decay, chunk_size=chunk_size, resets=resets)
+    parts = [slice(0, 8), slice(8, 14)]
+    for part in parts:
+        alone = [x[:, :, part] for x in (q, k, v, lr, momentum, decay)]
+        y_alone, (w_alone, s_alone) = memory_scan(init, *alone, chunk_size=chunk_size)
+        np.testing.assert_allclose(y[:, :, part], y_alone, rtol=1e-10, atol=1e-11)
+    for a, b in zip(weights + surprise, w_alone + s_alone, strict=True):  # the final state is the second document's
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-11)
+
+
+def test_document_resets_stream_across_a_call_boundary(x64):
+    """A reset inside a chunk that a call leaves open: the continuation's tokens in that chunk still take their
+    gradients at M_0 (the returned reference), so two calls equal one."""
+    length, chunk = 12, 5
+    init, q, k, v, lr, momentum, decay = make_inputs(5, length, 2)
+    resets = jnp.broadcast_to(_doc_resets(length, [6])[:, None], q.shape[:3])
+    restart = [jnp.broadcast_to(w, (BATCH, *w.shape)) for w in init]
+    state = (restart, restart, [jnp.zeros_like(w) for w in restart])
+    whole, _ = memory_scan_from(
+        state, q, k, v, lr, momentum, decay, chunk_size=chunk, offset=0, resets=resets, init=restart
+    )
+    cut = 7  # after the reset at 6, inside the chunk [5, 10)
+    first, state = memory_scan_from(
+        state, *(x[:, :, :cut] for x in (q, k, v, lr, momentum, decay)), chunk_size=chunk, offset=0,
+        resets=resets[:, :, :cut], init=restart,
+    )  # fmt: skip
+    second, _ = memory_scan_from(
+        state, *(x[:, :, cut:] for x in (q, k, v, lr, momentum, decay)), chunk_size=chunk, offset=cut % chunk,
+        resets=resets[:, :, cut:], init=restart,
+    )  # fmt: skip
+    np.testing.assert_allclose(jnp.concatenate([first, second], axis=2), whole, rtol=1e-10, atol=1e-11)

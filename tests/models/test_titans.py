@@ -185,7 +185,8 @@ def test_train_step_on_data_2_tensor_2_equals_one_device(variant):
 def test_memory_kernel_runs_per_device_shard():
     """memory_impl=interpret under mesh data=2,tensor=2: the kernel runs on each device's batch and head shard
     (`per_shard`; XLA does not partition a Pallas call), and loss and gradients equal one device's."""
-    config = _config({"memory_impl": "interpret"}, train={"batch_size": 4, "seq_len": 12})
+    # packed rows: memory_resets=False keeps them on the kernel (document resets take the XLA scan)
+    config = _config({"memory_impl": "interpret", "memory_resets": False}, train={"batch_size": 4, "seq_len": 12})
     assert_sharded_gradients_equal_one_device(config, packed_batch())
 
 
@@ -279,3 +280,41 @@ def test_bad_configs_name_the_field(model, mesh, field):
 def test_tiny_preset_trains_through_main(tmp_path, preset):
     losses = tiny_run_losses(tmp_path, f"configs/titans.py:{preset}")
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 2.0, losses
+
+
+_packed_forward = nnx.jit(lambda model, tokens, segments: model({"inputs": tokens, "segment_ids": segments})[0])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        pytest.param({"variant": "mag", "window": 16}, marks=pytest.mark.slow),
+        pytest.param({"variant": "mal", "window": 16, "memory_depth": 2}, marks=pytest.mark.slow),
+        {"variant": "mac", "segment": 3, "memory_depth": 2},  # document 2 starts inside a segment and a chunk
+    ],
+)
+def test_packed_documents_do_not_leak_through_the_memory(overrides):
+    """Two documents in one row (7 + 5 tokens): changing the first document's tokens leaves the second's logits
+    alone (memory, momentum and chunk reference restart at M_0; MAC's reads too). With model.memory_resets=False
+    the memory carries the first document into the second, which the same check sees."""
+    segments = jnp.asarray([[1] * 7 + [2] * 5])
+    a = _tokens((1, 12))
+    b = a.at[:, :7].set((a[:, :7] + 9) % 64)
+    model = _model(**overrides)
+    la, lb = _packed_forward(model, a, segments), _packed_forward(model, b, segments)
+    np.testing.assert_allclose(la[:, 7:], lb[:, 7:], atol=1e-5, rtol=0)
+    assert float(jnp.max(jnp.abs(la[:, :7] - lb[:, :7]))) > 1e-3
+    leaky = _model(**overrides, memory_resets=False)
+    leak = _packed_forward(leaky, a, segments)[:, 7:] - _packed_forward(leaky, b, segments)[:, 7:]
+    assert float(jnp.max(jnp.abs(leak))) > 1e-4
+
+
+def test_mac_document_on_a_segment_and_chunk_boundary_equals_it_alone():
+    """MAC has no sequence-level prefix, so a document that starts on a segment and memory-chunk boundary gets
+    exactly the logits it gets alone."""
+    model = _model(variant="mac", segment=4)
+    tokens = _tokens((2, 12), seed=3)
+    packed = _packed_forward(model, tokens, jnp.asarray([[1] * 8 + [2] * 4] * 2))
+    np.testing.assert_allclose(packed[:, 8:], _forward(model, tokens[:, 8:]), atol=2e-5, rtol=0)
+    np.testing.assert_allclose(packed[:, :8], _forward(model, tokens[:, :8]), atol=2e-5, rtol=0)
