@@ -92,8 +92,8 @@ def memory_scan(
       resets: packed documents, `[batch, length]` or `[batch, heads, length]`, 1 (True) where a document starts:
         there M_(t−1) is replaced by M_0 and S_(t−1) by 0, and the tokens of that chunk from the reset on take their
         gradients at M_0, as if the chunk started there (exactly the per-token recurrence with that rule; a
-        document starting on a chunk boundary runs as it would alone). A reset at position 0 changes nothing. Resets
-        run the XLA scan whatever `impl` says.
+        document starting on a chunk boundary runs as it would alone). A reset at position 0 changes nothing. A
+        batch with any reset runs the XLA scan whatever `impl` says.
 
     Returns:
       y `[batch, heads, length, value_dim]` and the final `(weights, momentum)`, each `[batch, heads, d_in, d_out]`
@@ -158,7 +158,7 @@ def memory_scan_from(
     `offset` may be traced (streaming decode): the tokens are then placed in a buffer long enough for any offset.
     `resets` `[batch, heads, length]` (1 where a document starts) restart the memory from `init` (M_0 per layer,
     `[batch, heads, d_in, d_out]`) and the momentum from 0 there, and the rest of that chunk takes its gradients at
-    `init` (see `memory_scan`); they take the scan, not the kernel.
+    `init` (see `memory_scan`); a batch with any reset takes the scan, not the kernel.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
@@ -196,12 +196,14 @@ def memory_scan_from(
             chunked(lr), chunked(momentum, 1.0), chunked(decay), valid, chunked(resets.astype(q.dtype))
         )
         if impl != "xla":
-            common.say_once("titans_memory: document resets run the XLA chunk scan, not the kernel")
+            common.say_once("titans_memory: a batch with a document start runs the XLA chunk scan, not the kernel")
     xs = (chunked(q), chunked(k), chunked(v), tuple(coeffs), jnp.arange(num_chunks), reset_cols)
     ref0, weights0, momentum0 = state
-    if static_offset and offset == 0 and resets is None:  # a fresh chunk (W_ref = M): the fused kernel's case
-        if impl not in IMPLS:
-            raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
+    fresh = static_offset and offset == 0  # a fresh chunk (W_ref = M): the fused kernel's case
+    if fresh and impl not in IMPLS:
+        raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
+
+    def fused():  # the kernel (or its XLA reference), which knows no resets
         kernel_impl = "reference" if impl == "xla" else impl
         per_head, per_chunk = ("batch", "heads", None, None), (None, "batch", "heads", None, None)
         y, (weights, momentum_state), (starts, _) = per_shard(  # a kernel runs on each device's shard
@@ -212,7 +214,9 @@ def memory_scan_from(
         )
         # A chunk boundary after the last token opens a fresh chunk, whose reference is the final memory.
         ref = weights if end % chunk_size == 0 else [s[-1] for s in starts]
-    else:
+        return y, (ref, weights, momentum_state)
+
+    def scanned():
         open_chunk = end // chunk_size  # the chunk the next token falls in
 
         def body(carry, inputs):
@@ -220,17 +224,29 @@ def memory_scan_from(
             q_c, k_c, v_c, (gamma, cols), index, reset_c = inputs
             ref = _select(index == 0, ref, weights)
             chunk_ref = ref  # the reference of this chunk's later tokens: the restart memory after a reset
-            if reset_c is not None:
+            args = (weights, momentum_state, q_c, k_c, v_c, gamma, cols)
+            if reset_c is None:
+                y_c, weights, momentum_state = titans_memory.chunk_step(*args, ref=ref)
+            else:
                 chunk_ref = _select(reset_c[..., -1, 1:2, None] > 0, init, ref)
+                y_c, weights, momentum_state = jax.lax.cond(  # the reset terms only for chunks that have a reset
+                    jnp.any(reset_c[..., 1] > 0),
+                    lambda: titans_memory.chunk_step(*args, ref=ref, init=init, reset_cols=reset_c),
+                    lambda: titans_memory.chunk_step(*args, ref=ref),
+                )
             open_ref = _select(index == open_chunk, chunk_ref, open_ref)
-            y_c, weights, momentum_state = titans_memory.chunk_step(
-                weights, momentum_state, q_c, k_c, v_c, gamma, cols, ref=ref, init=init, reset_cols=reset_c
-            )
             return (ref, weights, momentum_state, open_ref), y_c
 
         carry = (ref0, weights0, momentum0, ref0)
         (_, weights, momentum_state, open_ref), y = jax.lax.scan(body, carry, xs)
-        ref = _select(end % chunk_size == 0, weights, open_ref)
+        return y, (_select(end % chunk_size == 0, weights, open_ref), weights, momentum_state)
+
+    if not fresh:
+        y, (ref, weights, momentum_state) = scanned()
+    elif resets is None:
+        y, (ref, weights, momentum_state) = fused()
+    else:  # rows without a document start (e.g. one document per row) keep the kernel
+        y, (ref, weights, momentum_state) = jax.lax.cond(jnp.any(resets > 0), scanned, fused)
     y = jnp.moveaxis(y, 0, 2).reshape(batch, heads, num_chunks * chunk_size, -1)
     y = jax.lax.dynamic_slice_in_dim(y, offset, length, axis=2)
     return y, (ref, weights, momentum_state)

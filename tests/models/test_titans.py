@@ -141,6 +141,18 @@ def test_memory_kernel_in_interpret_mode_gives_the_xla_logits():
     np.testing.assert_allclose(kernel, xla, atol=2e-5, rtol=0)
 
 
+def test_kernel_runs_rows_without_document_starts_and_the_scan_takes_packed_batches():
+    """memory_impl=interpret with segment_ids: a batch of whole documents takes the kernel, a batch with a document
+    start takes the XLA scan with resets (a `lax.cond`); both give the xla logits."""
+    tokens = _tokens((2, 12))
+    xla, kernel = _model(), _model(memory_impl="interpret")
+    for segments in ([[1] * 12, [3] * 12], [[1] * 12, [1] * 5 + [2] * 7]):
+        segments = jnp.asarray(segments)
+        np.testing.assert_allclose(
+            _packed_forward(kernel, tokens, segments), _packed_forward(xla, tokens, segments), atol=2e-5, rtol=0
+        )
+
+
 def test_unrolled_equals_scanned():
     tokens = _tokens((2, 9))
     scanned, unrolled = _model(), _model(scan_layers=False)
