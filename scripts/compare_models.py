@@ -9,7 +9,8 @@ number of key-value pairs, S-NIAH's depth, the phonebook's entries, selective co
 from the previous stage's parameters. `--set=section.key=value` applies to every model (e.g. the MQAR vocabulary,
 `--set=model.vocab_size=8192`), `--set=family:section.key=value` to one family
 (`--set=transformer:model.num_kv_heads=4`). Runs live in `--workdir/<model>/stage<i>`; finished stages are not
-retrained.
+retrained, and a model whose `<out_dir>/scores/<model>.json` holds the same recipe is not trained or scored again
+(commit that folder to carry a long comparison across machines). The report is rewritten after every model.
 
 The defaults are the MQAR recipe that takes the tiny transformer (2 layers) to 99.6% at L = 256, D = 16 on a 2-core
 CPU in about 20 minutes (docs/benchmarks.md): zoology's vocabulary of 8192 (with 512, random filler tokens repeat

@@ -6,6 +6,11 @@ functions directly.
 Training may run as a curriculum of stages (seq_len, value, steps): each stage is a run of its own in
 `<workdir>/<model>/stage<i>` that starts from the previous stage's parameters (`init_from`, fresh optimizer).
 Every model gets the same stages, so the same number of steps, examples and tokens.
+
+Each scored model's grid is saved to `<out_dir>/scores/<model>.json` with its recipe (task, stages, grid, the
+model's overrides), and the report is rewritten after every model. A comparison that outlasts one sitting or one
+machine (seven models take hours on a CPU) therefore goes on where it stopped: a model whose scores file holds the
+same recipe is neither trained nor scored again, even when its training runs are gone.
 """
 
 from __future__ import annotations
@@ -265,6 +270,72 @@ def _save(plt, fig, axes, path: str) -> str:
     return path
 
 
+def scores_path(out_dir: str, spec: str) -> str:
+    return os.path.join(out_dir, "scores", spec.replace(":", "_") + ".json")
+
+
+def _recipe(task, stages, seq_lens, values, overrides) -> dict[str, Any]:
+    """What a model's scores depend on: scores saved under another recipe are not reused."""
+    return json.loads(
+        json.dumps(
+            {
+                "task": task,
+                "stages": [dataclasses.astuple(s) for s in stages],
+                "seq_lens": list(seq_lens),
+                "values": list(values),
+                "overrides": dict(sorted(overrides.items())),
+            }
+        )
+    )
+
+
+def save_scores(out_dir: str, spec: str, recipe: dict, rows: list[dict], seconds: float, parameters: int) -> str:
+    """`<out_dir>/scores/<model>.json`: one model's grid, so that a comparison longer than one sitting (or one
+    machine) keeps what it finished; `compare` reuses it when the recipe is the same."""
+    path = scores_path(out_dir, spec)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    record = {
+        "model": spec,
+        "recipe": recipe,
+        "rows": rows,
+        "training_seconds": seconds,
+        "parameters": parameters,
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def load_scores(out_dir: str, spec: str, recipe: dict) -> dict | None:
+    """The saved record of `spec` if one exists for this exact recipe, else None."""
+    path = scores_path(out_dir, spec)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        record = json.load(f)
+    if record.get("recipe") != recipe:
+        print(f"[{spec}] {path} holds another recipe: training again", flush=True)
+        return None
+    return record
+
+
+def _meta(stages, overrides, sizes, timings, models) -> dict[str, Any]:
+    meta = {
+        "stages (seq_len:value:steps)": ", ".join(f"{s.seq_len}:{s.value:g}:{s.steps}" for s in stages),
+        "overrides": ", ".join(f"{k}={v}" for k, v in overrides.items()) or "none",
+        "parameters": ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in sizes.items()),
+        "training wall time (s)": ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+    }
+    missing = [m for m in models if m not in sizes]
+    if missing:
+        meta["not scored yet"] = ", ".join(missing)
+    return meta
+
+
 def compare(
     models: Sequence[str],
     task: str,
@@ -288,8 +359,14 @@ def compare(
     for n, spec in enumerate(models, 1):
         print(f"== model {n}/{len(models)}: {spec}", flush=True)
         base = load_preset(spec, configs_dir)
-        started = time.perf_counter()
         mine = overrides_for(spec, overrides)
+        recipe = _recipe(task, stages, seq_lens, values, mine)
+        saved = load_scores(out_dir, spec, recipe)
+        if saved is not None:
+            print(f"[{spec}] scored before with this recipe: {scores_path(out_dir, spec)}", flush=True)
+            results[spec], timings[spec], sizes[spec] = saved["rows"], saved["training_seconds"], saved["parameters"]
+            continue
+        started = time.perf_counter()
         last_dir = train_model(spec, base, task, stages, mine, workdir)
         timings[spec] = time.perf_counter() - started
         config = stage_config(base, task, stages[-1], mine)
@@ -300,13 +377,10 @@ def compare(
             print(
                 f"[{spec}] L={r['seq_len']} {SWEEP_PARAMETER[task]}={r[SWEEP_PARAMETER[task]]:g}: {score}", flush=True
             )
-    meta = {
-        "stages (seq_len:value:steps)": ", ".join(f"{s.seq_len}:{s.value:g}:{s.steps}" for s in stages),
-        "overrides": ", ".join(f"{k}={v}" for k, v in overrides.items()) or "none",
-        "parameters": ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in sizes.items()),
-        "training wall time (s)": ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
-        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-    }
+        save_scores(out_dir, spec, recipe, results[spec], timings[spec], sizes[spec])
+        if n < len(models):  # a partial report after every model: a long comparison shows its progress
+            write_report(results, task, out_dir, _meta(stages, overrides, sizes, timings, models))
+    meta = _meta(stages, overrides, sizes, timings, models)
     paths = write_report(results, task, out_dir, meta)
     print("wrote " + ", ".join(paths), flush=True)
     return results

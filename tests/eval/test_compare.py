@@ -63,6 +63,27 @@ def test_compare_trains_stages_scores_the_grid_and_writes_the_report(tmp_path, c
     base = compare.load_preset("transformer:tiny", os.path.join(ROOT, "configs"))
     compare.train_model("transformer:tiny", base, "mqar", stages, OVERRIDES, str(tmp_path / "runs"))
     assert read_metrics(str(last), "train") == before
+    # the scores outlive the runs: with the training runs gone, the same recipe reuses them and trains nothing
+    record = json.loads((tmp_path / "out" / "scores" / "transformer_tiny.json").read_text())
+    assert record["rows"] == saved["results"]["transformer:tiny"] and record["recipe"]["stages"] == [
+        [32, 2, 2],
+        [64, 4, 1],
+    ]
+    again = compare.compare(
+        ["transformer:tiny"],
+        "mqar",
+        stages,
+        [32, 64],
+        [2, 16],
+        OVERRIDES,
+        str(tmp_path / "gone"),
+        str(tmp_path / "out"),
+        os.path.join(ROOT, "configs"),
+    )
+    assert again == saved["results"] and not (tmp_path / "gone").exists()
+    assert "scored before with this recipe" in capsys.readouterr().out
+    # another recipe (here one more grid point) is not served from them
+    assert compare.load_scores(str(tmp_path / "out"), "transformer:tiny", {**record["recipe"], "values": [2]}) is None
 
 
 def test_family_overrides_apply_only_to_their_models():
