@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas import chunked_linear_attention as kernel
-from lcjax.parallel.sharding import per_shard
+from lcjax.layers import chunkwise
 
 FORMS = ("parallel", "chunkwise", "recurrent")
 IMPLS = ("xla", "pallas", "interpret", "auto")  # of the chunkwise form: XLA, or the Pallas kernel (`kernels_pallas`)
@@ -220,15 +220,8 @@ def _chunkwise_kernel(q, k, v, i, f, docs, state, eps, chunk_size, impl):
     c0, n0, m0 = state
     state = (c0, n0[..., None, :], m0[..., None, None])
 
-    def run(q, k, v, cols, state):
-        return kernel.chunked_linear_attention(q, k, v, cols, state, mode="mlstm", eps=eps, impl=impl)
-
-    per_chunk, per_state = ("batch", "heads", None, None, None), ("batch", "heads", None, None)
-    h, (c, n, m) = per_shard(
-        run,
-        (chunks(q), chunks(k), chunks(v), cols, state),
-        (per_chunk,) * 4 + ((per_state,) * 3,),
-        (per_chunk, (per_state,) * 3),
+    h, (c, n, m) = chunkwise.chunked_linear_attention(
+        chunks(q), chunks(k), chunks(v), cols, state, mode="mlstm", eps=eps, impl=impl
     )
     h = h.reshape(batch, heads, count * chunk_size, -1)[:, :, :length]
     return h, (c.astype(q.dtype), n[..., 0, :].astype(q.dtype), m[..., 0, 0].astype(q.dtype))

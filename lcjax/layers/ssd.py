@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas import chunked_linear_attention as kernel
-from lcjax.parallel.sharding import per_shard
+from lcjax.layers import chunkwise
 
 IMPLS = ("xla", "pallas", "interpret", "auto")
 
@@ -139,15 +139,8 @@ def _kernel_scan(xh, log_a, b, c, h0, starts, chunk_size, impl):
     cols = kernel.pack_columns(log_a, jnp.zeros_like(log_a), docs)
     state = (jnp.swapaxes(h0, -1, -2), jnp.zeros((batch, heads, 1, b.shape[-1])), jnp.zeros((batch, heads, 1, 1)))
 
-    def run(q, k, v, cols, state):
-        return kernel.chunked_linear_attention(q, k, v, cols, state, mode="ssd", impl=impl)
-
-    per_chunk, per_state = ("batch", "heads", None, None, None), ("batch", "heads", None, None)
-    y, (final, _, _) = per_shard(
-        run,
-        (chunks(c), chunks(b), chunks(xh), cols, state),
-        (per_chunk,) * 4 + ((per_state,) * 3,),
-        (per_chunk, (per_state,) * 3),
+    y, (final, _, _) = chunkwise.chunked_linear_attention(
+        chunks(c), chunks(b), chunks(xh), cols, state, mode="ssd", impl=impl
     )
     y = jnp.moveaxis(y.reshape(batch, heads, padded, -1), 1, 2)
     return y, jnp.swapaxes(final, -1, -2)
