@@ -87,7 +87,7 @@ def chunk_step(weights, momentum, q, k, v, gamma, cols, ref=None, init=None, res
 
     Document resets (`reset_cols` `[..., c, 2]`, with the restart memory `init` per layer): column 0 is c_t, the
     coefficient of `init` in M_t, column 1 is 1 from the chunk's first document start on (those tokens take their
-    gradients at `init`); a, b, Γ, σ, e already vanish across a reset (`neural_memory._chunk_coefficients`). So
+    gradients at `init`); a, b, Γ, σ, e already vanish across a reset (`lcjax.layers.memory_scan._chunk_coefficients`). So
     M_t = a_t M + b_t S + c_t init + Σ Γ_(t,i) u_i, and retrieval gains c_t g init^l per layer."""
     a, b, last, sigma = (_column(cols, i) for i in range(4))
     e, a_last, b_last = (jnp.mean(_column(cols, i), axis=-2, keepdims=True) for i in (4, 5, 6))  # [..., 1, 1]
