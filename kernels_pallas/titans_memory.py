@@ -44,10 +44,16 @@ def pack_columns(gamma, a, b, sigma, e) -> jax.Array:
 
 
 def _column(cols, index):
-    """Column `index` as `[..., c, 1]`, by a one-hot reduction (its transpose is a broadcast, not a pad: Mosaic
-    lowers it inside the backward kernel)."""
-    onehot = (jnp.arange(len(COLUMNS)) == index).astype(cols.dtype)
+    """Column `index` as `[..., c, 1]`, by a one-hot reduction, not a slice: Triton has no slice, and the transpose
+    of a reduction is a broadcast, not a pad (Mosaic lowers it inside the backward kernel)."""
+    onehot = (jnp.arange(cols.shape[-1]) == index).astype(cols.dtype)
     return jnp.sum(cols * onehot, axis=-1, keepdims=True)
+
+
+def _last_row(x):
+    """x `[..., c, n]` -> its last row `[..., 1, n]`, by the same one-hot reduction."""
+    onehot = (jnp.arange(x.shape[-2]) == x.shape[-2] - 1).astype(x.dtype)[:, None]
+    return jnp.sum(x * onehot, axis=-2, keepdims=True)
 
 
 def _silu_grad(z):
@@ -87,15 +93,15 @@ def chunk_step(weights, momentum, q, k, v, gamma, cols, ref=None, init=None, res
 
     Document resets (`reset_cols` `[..., c, 2]`, with the restart memory `init` per layer): column 0 is c_t, the
     coefficient of `init` in M_t, column 1 is 1 from the chunk's first document start on (those tokens take their
-    gradients at `init`); a, b, Γ, σ, e already vanish across a reset (`lcjax.layers.memory_scan._chunk_coefficients`). So
-    M_t = a_t M + b_t S + c_t init + Σ Γ_(t,i) u_i, and retrieval gains c_t g init^l per layer."""
+    gradients at `init`); a, b, Γ, σ, e already vanish across a reset (`lcjax.layers.memory_scan._chunk_coefficients`).
+    So M_t = a_t M + b_t S + c_t init + Σ Γ_(t,i) u_i, and retrieval gains c_t g init^l per layer."""
     a, b, last, sigma = (_column(cols, i) for i in range(4))
     e, a_last, b_last = (jnp.mean(_column(cols, i), axis=-2, keepdims=True) for i in (4, 5, 6))  # [..., 1, 1]
     ref = weights if ref is None else ref
     inputs, errors = _token_gradients(ref, k, v)
     if reset_cols is not None:
-        restart, after = reset_cols[..., 0:1], reset_cols[..., 1:2] > 0  # [..., c, 1]
-        restart_last = restart[..., -1:, :]
+        restart, after = _column(reset_cols, 0), _column(reset_cols, 1) > 0  # [..., c, 1]
+        restart_last = _last_row(restart)
         inputs_0, errors_0 = _token_gradients(init, k, v)
         inputs = [jnp.where(after, x0, x) for x0, x in zip(inputs_0, inputs, strict=True)]
         errors = [jnp.where(after, x0, x) for x0, x in zip(errors_0, errors, strict=True)]
@@ -117,23 +123,39 @@ def chunk_step(weights, momentum, q, k, v, gamma, cols, ref=None, init=None, res
     return g, new_weights, new_momentum
 
 
-def reference(weights, momentum, q, k, v, gamma, cols):
+def reference(weights, momentum, q, k, v, gamma, cols, init=None, reset_cols=None):
     """`chunk_step` under `lax.scan` (XLA). Returns (y `[chunks, ..., c, d_v]`, (final weights, final momentum),
     (chunk-start weights, chunk-start momentum) each `[chunks, ..., d_in, d_out]` per layer)."""
 
     def body(state, xs):
-        y, new_weights, new_momentum = chunk_step(*state, *xs)
+        *xs, rc = xs
+        y, new_weights, new_momentum = chunk_step(*state, *xs, init=init, reset_cols=rc)
         return (new_weights, new_momentum), (y, state)
 
-    final, (y, starts) = jax.lax.scan(body, (list(weights), list(momentum)), (q, k, v, gamma, cols))
+    final, (y, starts) = jax.lax.scan(body, (list(weights), list(momentum)), (q, k, v, gamma, cols, reset_cols))
     return y, final, starts
 
 
-def memory_chunks(weights, momentum, q, k, v, gamma, cols, *, impl: str = "auto", chunks_per_block: int = 0):
+def memory_chunks(
+    weights,
+    momentum,
+    q,
+    k,
+    v,
+    gamma,
+    cols,
+    *,
+    impl: str = "auto",
+    chunks_per_block: int = 0,
+    init=None,
+    reset_cols=None,
+):
     """The chunked memory scan (module docstring for the layout) by `impl`: "auto" | "pallas" | "interpret" |
     "reference" (`kernels_pallas.common`). chunks_per_block: chunks per TPU grid step (0: all of them, up to 8 on
-    TPU); the GPU kernel takes every chunk in one block. Returns what `reference` returns."""
-    _check_inputs(weights, momentum, q, k, v, gamma, cols)
+    TPU); the GPU kernel takes every chunk in one block. Document resets: `reset_cols` `[chunks, ..., c, 2]` and
+    the restart memory `init` (per layer, shaped as the weights), as in `chunk_step`; the kernel then also returns
+    the gradient of `init`. Returns what `reference` returns."""
+    _check_inputs(weights, momentum, q, k, v, gamma, cols, init, reset_cols)
     mode = common.resolve_impl(impl, "titans_memory")
     target = "gpu" if common.backend() == "gpu" else "tpu"
     if mode != "reference":
@@ -142,16 +164,25 @@ def memory_chunks(weights, momentum, q, k, v, gamma, cols, *, impl: str = "auto"
             common.say_once(f"titans_memory: {reason}; using the reference (XLA) scan")
             mode = "reference"
     if mode == "reference":
-        return reference(weights, momentum, q, k, v, gamma, cols)
+        return reference(weights, momentum, q, k, v, gamma, cols, init, reset_cols)
+    resets = reset_cols is not None
+    extras = (list(init), reset_cols) if resets else ([], None)
     chunks = q.shape[0]
     if target == "gpu":  # one block of every chunk; Triton needs a power-of-two count: pad with no-op chunks
         padded = 1 << (chunks - 1).bit_length()
         if padded != chunks:
+            q, k, v, gamma, cols, reset_cols = _pad_chunks((q, k, v, gamma, cols, reset_cols), padded - chunks)
             y, final, starts = _kernel_scan(
-                _Call(depth=len(weights), block=padded, interpret=mode == "interpret"),
+                _Call(depth=len(weights), block=padded, interpret=mode == "interpret", resets=resets),
                 list(weights),
                 list(momentum),
-                *_pad_chunks((q, k, v, gamma, cols), padded - chunks),
+                q,
+                k,
+                v,
+                gamma,
+                cols,
+                extras[0],
+                reset_cols,
             )
             return y[:chunks], final, jax.tree.map(lambda x: x[:chunks], starts)
         block = chunks
@@ -159,21 +190,21 @@ def memory_chunks(weights, momentum, q, k, v, gamma, cols, *, impl: str = "auto"
         block = chunks_per_block or min(chunks, 8)
         while chunks % block:
             block -= 1
-    call = _Call(depth=len(weights), block=block, interpret=mode == "interpret")
-    return _kernel_scan(call, list(weights), list(momentum), q, k, v, gamma, cols)
+    call = _Call(depth=len(weights), block=block, interpret=mode == "interpret", resets=resets)
+    return _kernel_scan(call, list(weights), list(momentum), q, k, v, gamma, cols, *extras)
 
 
 def _pad_chunks(inputs, extra):
-    """Appends `extra` chunks that leave the state as it is: M' = 1·M + 0·S, S' = 1·S, no gradient terms (Γ = σ = 0);
-    their outputs are dropped."""
-    q, k, v, gamma, cols = inputs
-    pad = lambda x: jnp.concatenate([x, jnp.zeros((extra, *x.shape[1:]), x.dtype)], axis=0)
+    """Appends `extra` chunks that leave the state as it is: M' = 1·M + 0·S, S' = 1·S, no gradient terms (Γ = σ = 0),
+    no reset; their outputs are dropped."""
+    q, k, v, gamma, cols, reset_cols = inputs
+    pad = lambda x: None if x is None else jnp.concatenate([x, jnp.zeros((extra, *x.shape[1:]), x.dtype)], axis=0)
     keep = jnp.zeros(len(COLUMNS), cols.dtype).at[COLUMNS.index("e")].set(1).at[COLUMNS.index("a_last")].set(1)
     no_op = jnp.broadcast_to(keep, (extra, *cols.shape[1:]))
-    return (*(pad(x) for x in (q, k, v, gamma)), jnp.concatenate([cols, no_op], axis=0))
+    return (*(pad(x) for x in (q, k, v, gamma)), jnp.concatenate([cols, no_op], axis=0), pad(reset_cols))
 
 
-def _check_inputs(weights, momentum, q, k, v, gamma, cols):
+def _check_inputs(weights, momentum, q, k, v, gamma, cols, init=None, reset_cols=None):
     if not weights or len(weights) != len(momentum):
         raise ValueError(f"titans_memory: {len(weights)} weight and {len(momentum)} momentum layers; need >= 1 each")
     chunks, *lead, size, key_dim = q.shape
@@ -194,6 +225,13 @@ def _check_inputs(weights, momentum, q, k, v, gamma, cols):
         width = w.shape[-1]
     if width != v.shape[-1]:
         raise ValueError(f"titans_memory: the memory gives width {width} but v has {v.shape[-1]}")
+    if (init is None) != (reset_cols is None):
+        raise ValueError("titans_memory: document resets need both init and reset_cols")
+    if reset_cols is not None:
+        if reset_cols.shape != (chunks, *lead, size, 2):
+            raise ValueError(f"titans_memory: reset_cols {reset_cols.shape}; expected {(chunks, *lead, size, 2)}")
+        if [w.shape for w in init] != [w.shape for w in weights]:
+            raise ValueError(f"titans_memory: init {[w.shape for w in init]}; expected the weights' shapes")
 
 
 def _unsupported(weights, q, v, target) -> str:
@@ -211,6 +249,7 @@ class _Call:
     depth: int  # memory layers
     block: int  # chunks per grid step
     interpret: bool
+    resets: bool = False  # document resets: reset_cols per chunk and the restart memory init per layer
 
 
 def _to_programs(x):
@@ -254,26 +293,44 @@ def _params(call):
     return {"compiler_params": pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"))}
 
 
-def _forward_kernel(*refs, depth, block):
-    q_ref, k_ref, v_ref, gamma_ref, cols_ref = refs[:5]
-    w0, s0 = refs[5 : 5 + depth], refs[5 + depth : 5 + 2 * depth]
-    y_ref = refs[5 + 2 * depth]
-    w_out = refs[6 + 2 * depth : 6 + 3 * depth]
-    s_out = refs[6 + 3 * depth : 6 + 4 * depth]
-    w_starts = refs[6 + 4 * depth : 6 + 5 * depth]
-    s_starts = refs[6 + 5 * depth : 6 + 6 * depth]
+def _take(refs, *sizes):
+    """Splits `refs` into consecutive groups of the given sizes (a size of 0 gives an empty group)."""
+    groups, at = [], 0
+    for size in sizes:
+        groups.append(list(refs[at : at + size]))
+        at += size
+    assert at == len(refs), (at, len(refs))
+    return groups
+
+
+def _forward_kernel(*refs, call):
+    depth, block, r = call.depth, call.block, int(call.resets)
+    chunk_ins, rc, w0, s0, init, (y_ref,), w_out, s_out, w_starts, s_starts = _take(
+        refs, 5, r, depth, depth, r * depth, 1, depth, depth, depth, depth
+    )
+    q_ref, k_ref, v_ref, gamma_ref, cols_ref = chunk_ins
 
     @pl.when(pl.program_id(1) == 0)
     def _():
         for dst, src in zip((*w_out, *s_out), (*w0, *s0), strict=True):
             dst[...] = src[...]
 
+    restart = [ref[0] for ref in init] if call.resets else None
+
     def body(i, state):
         weights, momentum = state
         for ref, value in zip((*w_starts, *s_starts), (*weights, *momentum), strict=True):
             ref[0, i] = value
         y, weights, momentum = chunk_step(
-            weights, momentum, q_ref[0, i], k_ref[0, i], v_ref[0, i], gamma_ref[0, i], cols_ref[0, i]
+            weights,
+            momentum,
+            q_ref[0, i],
+            k_ref[0, i],
+            v_ref[0, i],
+            gamma_ref[0, i],
+            cols_ref[0, i],
+            init=restart,
+            reset_cols=rc[0][0, i] if call.resets else None,
         )
         y_ref[0, i] = y.astype(y_ref.dtype)
         return list(weights), list(momentum)
@@ -284,62 +341,60 @@ def _forward_kernel(*refs, depth, block):
         ref[0] = value
 
 
-def _backward_kernel(*refs, depth, block):
-    q_ref, k_ref, v_ref, gamma_ref, cols_ref = refs[:5]
-    at = 5
-    w_starts, s_starts = refs[at : at + depth], refs[at + depth : at + 2 * depth]
-    at += 2 * depth
-    dy_ref = refs[at]
-    at += 1
-    dw_final, ds_final = refs[at : at + depth], refs[at + depth : at + 2 * depth]
-    at += 2 * depth
-    dw_starts, ds_starts = refs[at : at + depth], refs[at + depth : at + 2 * depth]
-    at += 2 * depth
-    dq_ref, dk_ref, dv_ref, dgamma_ref, dcols_ref = refs[at : at + 5]
-    at += 5
-    dw_out, ds_out = refs[at : at + depth], refs[at + depth : at + 2 * depth]
+def _backward_kernel(*refs, call):
+    depth, block, r = call.depth, call.block, int(call.resets)
+    groups = _take(refs, 5, r, depth, depth, 1, r * depth, depth, depth, depth, depth, 5, r, depth, depth, r * depth)
+    chunk_ins, rc, w_starts, s_starts, (dy_ref,), init, dw_final, ds_final, dw_starts, ds_starts = groups[:10]
+    chunk_outs, drc, dw_out, ds_out, dinit = groups[10:]
 
     @pl.when(pl.program_id(1) == 0)
     def _():
         for dst, src in zip((*dw_out, *ds_out), (*dw_final, *ds_final), strict=True):
             dst[...] = src[...]
+        for ref in dinit:
+            ref[...] = jnp.zeros(ref.shape, ref.dtype)
+
+    restart = [ref[0] for ref in init]
+
+    def step(weights, momentum, q, k, v, gamma, cols, init, reset_cols):
+        return chunk_step(weights, momentum, q, k, v, gamma, cols, init=init or None, reset_cols=reset_cols)
 
     def body(t, state):
-        dweights, dmomentum = state
+        dweights, dmomentum, dinit_sum = state
         i = block - 1 - t
         weights = [ref[0, i] for ref in w_starts]
         momentum = [ref[0, i] for ref in s_starts]
-        primals = (weights, momentum, q_ref[0, i], k_ref[0, i], v_ref[0, i], gamma_ref[0, i], cols_ref[0, i])
-        _, vjp = jax.vjp(chunk_step, *primals)
-        dw, ds, dq, dk, dv, dgamma, dcols = vjp((dy_ref[0, i].astype(jnp.float32), dweights, dmomentum))
-        for ref, value in zip(
-            (dq_ref, dk_ref, dv_ref, dgamma_ref, dcols_ref), (dq, dk, dv, dgamma, dcols), strict=True
-        ):
+        reset_cols = rc[0][0, i] if call.resets else None
+        primals = (weights, momentum, *(ref[0, i] for ref in chunk_ins), restart, reset_cols)
+        _, vjp = jax.vjp(step, *primals)
+        dw, ds, *dchunk, dinit_i, drc_i = vjp((dy_ref[0, i].astype(jnp.float32), dweights, dmomentum))
+        for ref, value in zip((*chunk_outs, *drc), (*dchunk, *([drc_i] if call.resets else [])), strict=True):
             ref[0, i] = value.astype(ref.dtype)
         dweights = [a + ref[0, i] for a, ref in zip(dw, dw_starts, strict=True)]
         dmomentum = [a + ref[0, i] for a, ref in zip(ds, ds_starts, strict=True)]
-        return dweights, dmomentum
+        return dweights, dmomentum, [a + b for a, b in zip(dinit_sum, dinit_i, strict=True)]
 
-    state = ([ref[0] for ref in dw_out], [ref[0] for ref in ds_out])
-    dweights, dmomentum = jax.lax.fori_loop(0, block, body, state)
-    for ref, value in zip((*dw_out, *ds_out), (*dweights, *dmomentum), strict=True):
+    state = ([ref[0] for ref in dw_out], [ref[0] for ref in ds_out], [ref[0] for ref in dinit])
+    dweights, dmomentum, dinit_sum = jax.lax.fori_loop(0, block, body, state)
+    for ref, value in zip((*dw_out, *ds_out, *dinit), (*dweights, *dmomentum, *dinit_sum), strict=True):
         ref[0] = value
 
 
-def _forward(call, weights, momentum, q, k, v, gamma, cols):
+def _forward(call, weights, momentum, q, k, v, gamma, cols, init, reset_cols):
     lead = q.shape[1:-2]
     chunks = q.shape[0]
-    ins = [_to_programs(x) for x in (q, k, v, gamma, cols)]
-    states = [w.reshape(-1, *w.shape[-2:]) for w in (*weights, *momentum)]
+    ins = [_to_programs(x) for x in (q, k, v, gamma, cols, *([reset_cols] if call.resets else []))]
+    states = [w.reshape(-1, *w.shape[-2:]) for w in (*weights, *momentum, *init)]
     programs = ins[0].shape[0]
     shapes_in = [x.shape for x in ins] + [s.shape for s in states]
-    in_specs, count = _grid_specs(call, chunks, shapes_in, [False] * 5 + [True] * len(states))
+    in_specs, count = _grid_specs(call, chunks, shapes_in, [False] * len(ins) + [True] * len(states))
+    carried = states[: 2 * call.depth]
     y_shape = (programs, chunks, q.shape[-2], v.shape[-1])
-    start_shapes = [(programs, chunks, *s.shape[1:]) for s in states]
-    out_shapes = [y_shape] + [s.shape for s in states] + start_shapes
-    out_specs, _ = _grid_specs(call, chunks, out_shapes, [False] + [True] * len(states) + [False] * len(states))
+    start_shapes = [(programs, chunks, *s.shape[1:]) for s in carried]
+    out_shapes = [y_shape] + [s.shape for s in carried] + start_shapes
+    out_specs, _ = _grid_specs(call, chunks, out_shapes, [False] + [True] * len(carried) + [False] * len(carried))
     outs = pl.pallas_call(
-        functools.partial(_forward_kernel, depth=call.depth, block=call.block),
+        functools.partial(_forward_kernel, call=call),
         grid=(programs, count),
         in_specs=in_specs,
         out_specs=out_specs,
@@ -358,17 +413,18 @@ def _forward(call, weights, momentum, q, k, v, gamma, cols):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _kernel_scan(call, weights, momentum, q, k, v, gamma, cols):
-    return _forward(call, weights, momentum, q, k, v, gamma, cols)
+def _kernel_scan(call, weights, momentum, q, k, v, gamma, cols, init, reset_cols):
+    """init: the restart memory per layer (empty without resets), reset_cols `[chunks, ..., c, 2]` or None."""
+    return _forward(call, weights, momentum, q, k, v, gamma, cols, init, reset_cols)
 
 
-def _kernel_scan_fwd(call, weights, momentum, q, k, v, gamma, cols):
-    out = _forward(call, weights, momentum, q, k, v, gamma, cols)
-    return out, (out[2], q, k, v, gamma, cols)
+def _kernel_scan_fwd(call, weights, momentum, q, k, v, gamma, cols, init, reset_cols):
+    out = _forward(call, weights, momentum, q, k, v, gamma, cols, init, reset_cols)
+    return out, (out[2], q, k, v, gamma, cols, init, reset_cols)
 
 
 def _kernel_scan_bwd(call, residuals, cotangents):
-    (w_starts, s_starts), q, k, v, gamma, cols = residuals
+    (w_starts, s_starts), q, k, v, gamma, cols, init, reset_cols = residuals
     dy, (dw_final, ds_final), (dw_starts, ds_starts) = cotangents
     lead = q.shape[1:-2]
     chunks = q.shape[0]
@@ -378,16 +434,19 @@ def _kernel_scan_bwd(call, residuals, cotangents):
     ds_final = [zeros_like(c, w[0]) for c, w in zip(ds_final, s_starts, strict=True)]
     dw_starts = [zeros_like(c, w) for c, w in zip(dw_starts, w_starts, strict=True)]
     ds_starts = [zeros_like(c, w) for c, w in zip(ds_starts, s_starts, strict=True)]
-    chunk_ins = [_to_programs(x) for x in (q, k, v, gamma, cols, *w_starts, *s_starts, dy)]
-    final = [x.reshape(-1, *x.shape[-2:]) for x in (*dw_final, *ds_final)]
+    extra = [reset_cols] if call.resets else []
+    chunk_ins = [_to_programs(x) for x in (q, k, v, gamma, cols, *extra, *w_starts, *s_starts, dy)]
+    per_program = [x.reshape(-1, *x.shape[-2:]) for x in (*init, *dw_final, *ds_final)]
     start_cts = [_to_programs(x) for x in (*dw_starts, *ds_starts)]
-    ins = chunk_ins + final + start_cts
-    flags = [False] * len(chunk_ins) + [True] * len(final) + [False] * len(start_cts)
+    ins = chunk_ins + per_program + start_cts
+    flags = [False] * len(chunk_ins) + [True] * len(per_program) + [False] * len(start_cts)
     in_specs, count = _grid_specs(call, chunks, [x.shape for x in ins], flags, reverse=True)
-    out_shapes = [x.shape for x in chunk_ins[:5]] + [x.shape for x in final]
-    out_specs, _ = _grid_specs(call, chunks, out_shapes, [False] * 5 + [True] * len(final), reverse=True)
+    data_outs = chunk_ins[: 5 + len(extra)]
+    state_outs = per_program[len(init) :] + per_program[: len(init)]  # d weights, d momentum, then d init
+    out_shapes = [x.shape for x in data_outs] + [x.shape for x in state_outs]
+    out_specs, _ = _grid_specs(call, chunks, out_shapes, [False] * len(data_outs) + [True] * len(state_outs), True)
     outs = pl.pallas_call(
-        functools.partial(_backward_kernel, depth=call.depth, block=call.block),
+        functools.partial(_backward_kernel, call=call),
         grid=(ins[0].shape[0], count),
         in_specs=in_specs,
         out_specs=out_specs,
@@ -396,13 +455,16 @@ def _kernel_scan_bwd(call, residuals, cotangents):
         name="titans_memory_bwd",
         **_params(call),
     )(*ins)
-    dq, dk, dv, dgamma, dcols = (
-        _from_programs(x, lead).astype(like.dtype) for x, like in zip(outs[:5], (q, k, v, gamma, cols), strict=True)
+    likes = (q, k, v, gamma, cols, *extra)
+    dq, dk, dv, dgamma, dcols, *drc = (
+        _from_programs(x, lead).astype(like.dtype) for x, like in zip(outs[: len(likes)], likes, strict=True)
     )
     depth = call.depth
-    dw0 = [x.reshape(w.shape[1:]) for x, w in zip(outs[5 : 5 + depth], w_starts, strict=True)]
-    ds0 = [x.reshape(w.shape[1:]) for x, w in zip(outs[5 + depth :], s_starts, strict=True)]
-    return dw0, ds0, dq, dk, dv, dgamma, dcols
+    rest = outs[len(likes) :]
+    dw0 = [x.reshape(w.shape[1:]) for x, w in zip(rest[:depth], w_starts, strict=True)]
+    ds0 = [x.reshape(w.shape[1:]) for x, w in zip(rest[depth : 2 * depth], s_starts, strict=True)]
+    dinit = [x.reshape(w.shape) for x, w in zip(rest[2 * depth :], init, strict=True)]
+    return dw0, ds0, dq, dk, dv, dgamma, dcols, dinit, drc[0] if drc else None
 
 
 _kernel_scan.defvjp(_kernel_scan_fwd, _kernel_scan_bwd)

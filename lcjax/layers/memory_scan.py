@@ -40,7 +40,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas import common, titans_memory
+from kernels_pallas import titans_memory
 from lcjax.parallel.sharding import per_shard
 
 Weights = list[jax.Array]
@@ -156,7 +156,7 @@ def memory_scan_from(
     `offset` may be traced (streaming decode): the tokens are then placed in a buffer long enough for any offset.
     `resets` `[batch, heads, length]` (1 where a document starts) restart the memory from `init` (M_0 per layer,
     `[batch, heads, d_in, d_out]`) and the momentum from 0 there, and the rest of that chunk takes its gradients at
-    `init` (see `memory_scan`); a batch with any reset takes the scan, not the kernel.
+    `init` (see `memory_scan`); the kernel handles them too.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
@@ -193,25 +193,34 @@ def memory_scan_from(
         *coeffs, reset_cols = _chunk_coefficients(
             chunked(lr), chunked(momentum, 1.0), chunked(decay), valid, chunked(resets.astype(q.dtype))
         )
-        if impl != "xla":
-            common.say_once("titans_memory: a batch with a document start runs the XLA chunk scan, not the kernel")
     xs = (chunked(q), chunked(k), chunked(v), tuple(coeffs), jnp.arange(num_chunks), reset_cols)
     ref0, weights0, momentum0 = state
     fresh = static_offset and offset == 0  # a fresh chunk (W_ref = M): the fused kernel's case
     if fresh and impl not in IMPLS:
         raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
 
-    def fused():  # the kernel (or its XLA reference), which knows no resets
+    def fused(with_resets=False):  # the kernel (or its XLA reference); with_resets: the restart terms too
         kernel_impl = "reference" if impl == "xla" else impl
         per_head, per_chunk = ("batch", "heads", None, None), (None, "batch", "heads", None, None)
+        args = (weights0, momentum0, *xs[:3], *coeffs)
+        in_axes = ([per_head] * len(weights0), [per_head] * len(momentum0)) + (per_chunk,) * 5
+        if with_resets:
+            args, in_axes = args + (init, reset_cols), in_axes + ([per_head] * len(init), per_chunk)
+
+        def run(weights, momentum, q, k, v, gamma, cols, *restart):
+            init, reset_cols = restart or (None, None)
+            return titans_memory.memory_chunks(
+                weights, momentum, q, k, v, gamma, cols, impl=kernel_impl, init=init, reset_cols=reset_cols
+            )
+
         y, (weights, momentum_state), (starts, _) = per_shard(  # a kernel runs on each device's shard
-            functools.partial(titans_memory.memory_chunks, impl=kernel_impl),
-            (weights0, momentum0, *xs[:3], *coeffs),
-            ([per_head] * len(weights0), [per_head] * len(momentum0)) + (per_chunk,) * 5,
-            (per_chunk, ([per_head] * len(weights0),) * 2, ([per_chunk] * len(weights0),) * 2),
+            run, args, in_axes, (per_chunk, ([per_head] * len(weights0),) * 2, ([per_chunk] * len(weights0),) * 2)
         )
-        # A chunk boundary after the last token opens a fresh chunk, whose reference is the final memory.
+        # A chunk boundary after the last token opens a fresh chunk, whose reference is the final memory; an open
+        # chunk with a document start takes its later gradients at the restart memory.
         ref = weights if end % chunk_size == 0 else [s[-1] for s in starts]
+        if with_resets and end % chunk_size:
+            ref = _select(reset_cols[-1][..., -1, 1:2, None] > 0, init, ref)
         return y, (ref, weights, momentum_state)
 
     def scanned():
@@ -243,8 +252,9 @@ def memory_scan_from(
         y, (ref, weights, momentum_state) = scanned()
     elif resets is None:
         y, (ref, weights, momentum_state) = fused()
-    else:  # rows without a document start (e.g. one document per row) keep the kernel
-        y, (ref, weights, momentum_state) = jax.lax.cond(jnp.any(resets > 0), scanned, fused)
+    else:  # a batch without a document start (e.g. one document per row) skips the restart terms
+        with_resets = scanned if impl == "xla" else functools.partial(fused, True)  # the scan skips them per chunk
+        y, (ref, weights, momentum_state) = jax.lax.cond(jnp.any(resets > 0), with_resets, fused)
     y = jnp.moveaxis(y, 0, 2).reshape(batch, heads, num_chunks * chunk_size, -1)
     y = jax.lax.dynamic_slice_in_dim(y, offset, length, axis=2)
     return y, (ref, weights, momentum_state)

@@ -53,8 +53,8 @@ class NeuralMemory(nnx.Module):
       out = (RMSNorm(y) ⊙ silu(x W_g)) W_o.
     The memory recurrence runs in float32 whatever the compute dtype; `impl` picks its chunk scan (`IMPLS`). Packed
     documents (`segment_ids`): the convolution restarts at a new document and, with `document_resets` (default), so
-    do the memory (M_0), the momentum (0) and the gradient reference of the chunk (`memory_scan`'s `resets`; those
-    rows take the XLA scan, not the kernel). With `document_resets=False` the memory runs across documents.
+    do the memory (M_0), the momentum (0) and the gradient reference of the chunk (`memory_scan`'s `resets`, in the
+    XLA scan and the kernel alike). With `document_resets=False` the memory runs across documents.
     """
 
     def __init__(

@@ -78,7 +78,7 @@ class TitansConfig:
     # TPU, Triton on GPU, interpret mode on CPU) | auto (the kernel on TPU/GPU, xla on CPU) | interpret.
     memory_impl: str = "xla"
     memory_gates: str = "token"  # θ, η, α per token | per chunk (those of the chunk's first token; paper §3.2)
-    # Packed documents restart the memory at M_0 (XLA scan); False: the memory runs across them (the kernel can run).
+    # Packed documents restart the memory at M_0 (XLA scan and kernel alike); False: the memory runs across them.
     memory_resets: bool = True
     # Learned persistent-memory tokens: prepended to the sequence (lmm/mag/mal), or per layer to every segment's
     # attention context (mac).

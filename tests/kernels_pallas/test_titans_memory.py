@@ -23,12 +23,12 @@ def _inputs(depth, chunks=4, batch=2, heads=2, size=4, dim=8, seed=0, dtype=jnp.
     return cast(weights), cast(momentum), *cast((q, k, v, gamma, cols))
 
 
-def _loss(impl, chunks_per_block=0):
+def _loss(impl, chunks_per_block=0, **resets):
     """Touches every output (y, the final state and the chunk-start states), so every cotangent path is checked."""
 
     def loss(weights, momentum, q, k, v, gamma, cols):
         y, final, starts = titans_memory.memory_chunks(
-            weights, momentum, q, k, v, gamma, cols, impl=impl, chunks_per_block=chunks_per_block
+            weights, momentum, q, k, v, gamma, cols, impl=impl, chunks_per_block=chunks_per_block, **resets
         )
         total = jnp.sum(jnp.sin(y))
         total += sum(jnp.sum(jnp.cos(x)) for x in jax.tree.leaves(final))
@@ -52,6 +52,93 @@ def test_interpret_matches_reference_forward_and_gradients(depth, chunks_per_blo
         scale = float(jnp.max(jnp.abs(w)))
         assert scale > 0
         np.testing.assert_allclose(g, w, atol=2e-6 * scale, rtol=0)
+
+
+def _reset_inputs(depth, chunks=4):
+    """Kernel inputs with document starts: coefficients from the layer's `_chunk_coefficients` (chunk 1 starts a
+    document at its second token, the last chunk at its first and third; the others have none)."""
+    from lcjax.layers.memory_scan import _chunk_coefficients
+
+    weights, momentum, q, k, v, _, _ = _inputs(depth, chunks=chunks)
+    batch, heads, size = q.shape[1:4]
+    keys = jax.random.split(jax.random.key(5), 4)
+    lr, eta, alpha = (0.5 * jax.random.uniform(keys[i], (chunks, batch, heads, size)) for i in range(3))
+    resets = jnp.zeros((chunks, batch, heads, size)).at[1, :, :, 1].set(1).at[-1, :, :, 0].set(1).at[-1, :, :, 2].set(1)
+    gamma, cols, reset_cols = _chunk_coefficients(lr, eta, alpha, jnp.ones_like(lr), resets)
+    init = [0.5 * jax.random.normal(jax.random.fold_in(keys[3], i), w.shape) for i, w in enumerate(weights)]
+    return weights, momentum, q, k, v, gamma, cols, init, reset_cols
+
+
+@pytest.mark.parametrize("depth,chunks_per_block", [(1, 2), (2, 0)])
+def test_interpret_with_document_resets_matches_reference(depth, chunks_per_block):
+    """The restart terms inside the kernel: outputs, final and chunk-start states, and gradients of everything
+    (the restart memory `init` and `reset_cols` included; d init sums over the chunks, across grid steps)."""
+    *args, init, reset_cols = _reset_inputs(depth)
+    kw = {"init": init, "reset_cols": reset_cols}
+    want = titans_memory.reference(*args, **kw)
+    assert float(jnp.abs(reset_cols[..., 0]).max()) > 0  # the restart coefficient is live
+    got = titans_memory.memory_chunks(*args, impl="interpret", chunks_per_block=chunks_per_block, **kw)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
+    no_reset = titans_memory.reference(*args)  # the resets change the result (so the test can fail)
+    assert float(jnp.abs(no_reset[0] - want[0]).max()) > 1e-2
+
+    def loss(impl):
+        def f(weights, momentum, q, k, v, gamma, cols, init, reset_cols):
+            y, final, starts = titans_memory.memory_chunks(
+                weights,
+                momentum,
+                q,
+                k,
+                v,
+                gamma,
+                cols,
+                impl=impl,
+                chunks_per_block=chunks_per_block,
+                init=init,
+                reset_cols=reset_cols,
+            )
+            total = jnp.sum(jnp.sin(y)) + sum(jnp.sum(jnp.cos(x)) for x in jax.tree.leaves(final))
+            return total + 0.1 * sum(jnp.sum(x**2) for x in jax.tree.leaves(starts))
+
+        return f
+
+    grads = jax.grad(loss("interpret"), argnums=tuple(range(9)))(*args, init, reset_cols)
+    grads_ref = jax.grad(loss("reference"), argnums=tuple(range(9)))(*args, init, reset_cols)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
+        scale = float(jnp.max(jnp.abs(w)))
+        assert scale > 0
+        np.testing.assert_allclose(g, w, atol=2e-6 * scale, rtol=0)
+
+
+def test_memory_scan_with_resets_through_the_kernel_equals_the_xla_scan():
+    """`memory_scan(..., resets=)` with impl=interpret: the kernel's restart terms, and a document start in the
+    open (padded) last chunk, against the XLA scan: outputs, final state and gradients."""
+    batch, heads, length, dim, chunk = 2, 2, 11, 8, 4
+    keys = jax.random.split(jax.random.key(4), 7)
+    q, k, v = (jax.random.normal(keys[i], (batch, heads, length, dim)) for i in range(3))
+    q, k = (x / jnp.linalg.norm(x, axis=-1, keepdims=True) for x in (q, k))
+    lr, momentum, decay = (
+        0.3 * jax.nn.sigmoid(jax.random.normal(keys[3 + i], (batch, heads, length))) for i in range(3)
+    )
+    init = [jax.random.normal(keys[6], (heads, dim, dim)) / 3]
+    resets = jnp.zeros((batch, length)).at[0, 5].set(1).at[1, 9].set(1)  # row 1: in the open chunk (8..10)
+
+    def loss(impl):
+        def f(init, q, k, v, lr, momentum, decay):
+            y, (weights, surprise) = memory_scan(
+                init, q, k, v, lr, momentum, decay, chunk_size=chunk, impl=impl, resets=resets
+            )
+            return jnp.sum(jnp.sin(y)) + sum(jnp.sum(w**2) for w in weights + surprise)
+
+        return f
+
+    args = (init, q, k, v, lr, momentum, decay)
+    np.testing.assert_allclose(loss("interpret")(*args), loss("xla")(*args), rtol=1e-6)
+    grads = jax.grad(loss("interpret"), argnums=tuple(range(7)))(*args)
+    grads_ref = jax.grad(loss("xla"), argnums=tuple(range(7)))(*args)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
+        np.testing.assert_allclose(g, w, atol=2e-6 * float(jnp.max(jnp.abs(w))), rtol=0)
 
 
 def test_memory_scan_through_the_kernel_equals_the_xla_scan():
@@ -80,38 +167,44 @@ def test_memory_scan_through_the_kernel_equals_the_xla_scan():
         np.testing.assert_allclose(g, w, atol=2e-6 * float(jnp.max(jnp.abs(w))), rtol=0)
 
 
-def _abstract(depth, chunks=8, size=64, dim=64):
+def _abstract(depth, chunks=8, size=64, dim=64, resets=False):
     widths = [dim] + [2 * dim] * (depth - 1) + [dim]
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
     weights = [f32(1, 2, d_in, d_out) for d_in, d_out in zip(widths[:-1], widths[1:], strict=True)]
     x = f32(chunks, 1, 2, size, dim)
-    return [*weights, *weights, x, x, x, f32(chunks, 1, 2, size, size), f32(chunks, 1, 2, size, 8)]
+    resets = [*weights, f32(chunks, 1, 2, size, 2)] if resets else []  # init per layer, reset_cols
+    return [*weights, *weights, x, x, x, f32(chunks, 1, 2, size, size), f32(chunks, 1, 2, size, 8), *resets]
 
 
-def _fwd_bwd(depth):
+def _fwd_bwd(depth, resets=False):
     def fn(*args):
         weights, momentum = list(args[:depth]), list(args[depth : 2 * depth])
-        q, k, v, gamma, cols = args[2 * depth :]
+        q, k, v, gamma, cols = args[2 * depth : 2 * depth + 5]
+        init, reset_cols = (list(args[2 * depth + 5 : -1]), args[-1]) if resets else (None, None)
 
-        def loss(weights, momentum, q, k, v, gamma, cols):
-            y, (final, _), _ = titans_memory.memory_chunks(weights, momentum, q, k, v, gamma, cols, impl="pallas")
+        def loss(weights, momentum, q, k, v, gamma, cols, init):
+            y, (final, _), _ = titans_memory.memory_chunks(
+                weights, momentum, q, k, v, gamma, cols, impl="pallas", init=init, reset_cols=reset_cols
+            )
             return jnp.sum(y) + sum(jnp.sum(w) for w in final)
 
-        return jax.grad(loss, argnums=tuple(range(7)))(weights, momentum, q, k, v, gamma, cols)
+        return jax.grad(loss, argnums=tuple(range(8)))(weights, momentum, q, k, v, gamma, cols, init)
 
     return fn
 
 
-@pytest.mark.parametrize("depth", [1, 2])
-def test_tpu_kernels_compile_with_mosaic_for_v5e(depth):
+@pytest.mark.parametrize("depth,resets", [(1, False), (2, False), (2, True)])
+def test_tpu_kernels_compile_with_mosaic_for_v5e(depth, resets):
     pytest.importorskip("libtpu")
-    compiled = common.compile_for_tpu(_fwd_bwd(depth), _abstract(depth), "v5e:2x2")
+    compiled = common.compile_for_tpu(_fwd_bwd(depth, resets), _abstract(depth, resets=resets), "v5e:2x2")
     assert compiled.as_text().count('custom_call_target="tpu_custom_call"') == 2  # forward and backward kernels
 
 
-def test_gpu_kernels_lower_to_triton_for_cuda():
+@pytest.mark.parametrize("resets", [False, True])
+def test_gpu_kernels_lower_to_triton_for_cuda(resets):
     """6 chunks: the count is padded to 8 for the Triton block."""
-    text = common.lower_for(_fwd_bwd(2), _abstract(2, chunks=6, size=32, dim=32), ("cuda",)).as_text()
+    args = _abstract(2, chunks=6, size=32, dim=32, resets=resets)
+    text = common.lower_for(_fwd_bwd(2, resets), args, ("cuda",)).as_text()
     assert text.count("custom_call @__gpu$xla.gpu.triton") == 2
 
 
@@ -147,16 +240,21 @@ def test_bad_inputs_say_what_was_expected(change, message):
     assert message in str(error.value)
 
 
-def test_gpu_pads_the_chunk_count_to_a_power_of_two():
-    """Traced as for a GPU (interpret mode): 3 chunks run as 4, the extra one a no-op; outputs, final state, chunk-start
-    states and gradients equal the reference's."""
-    args = _inputs(2, chunks=3)
-    want = titans_memory.reference(*args)
+@pytest.mark.parametrize("resets", [False, True])
+def test_gpu_pads_the_chunk_count_to_a_power_of_two(resets):
+    """Traced as for a GPU (interpret mode): 3 chunks run as 4, the extra one a no-op (no reset either); outputs,
+    final state, chunk-start states and gradients equal the reference's."""
+    if resets:
+        *args, init, reset_cols = _reset_inputs(2, chunks=3)
+        kw = {"init": init, "reset_cols": reset_cols}
+    else:
+        args, kw = _inputs(2, chunks=3), {}
+    want = titans_memory.reference(*args, **kw)
     with common.tracing_for("gpu"):
-        got = titans_memory.memory_chunks(*args, impl="interpret")
-        grads = jax.grad(_loss("interpret"), argnums=tuple(range(7)))(*args)
+        got = titans_memory.memory_chunks(*args, impl="interpret", **kw)
+        grads = jax.grad(_loss("interpret", **kw), argnums=tuple(range(7)))(*args)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
-    grads_ref = jax.grad(_loss("reference"), argnums=tuple(range(7)))(*args)
+    grads_ref = jax.grad(_loss("reference", **kw), argnums=tuple(range(7)))(*args)
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
         np.testing.assert_allclose(g, w, atol=2e-6 * float(jnp.max(jnp.abs(w))), rtol=0)

@@ -141,9 +141,9 @@ def test_memory_kernel_in_interpret_mode_gives_the_xla_logits():
     np.testing.assert_allclose(kernel, xla, atol=2e-5, rtol=0)
 
 
-def test_kernel_runs_rows_without_document_starts_and_the_scan_takes_packed_batches():
-    """memory_impl=interpret with segment_ids: a batch of whole documents takes the kernel, a batch with a document
-    start takes the XLA scan with resets (a `lax.cond`); both give the xla logits."""
+def test_kernel_runs_batches_with_and_without_document_starts():
+    """memory_impl=interpret with segment_ids: a batch of whole documents takes the kernel without its restart terms,
+    a batch with a document start the kernel with them (a `lax.cond`); both give the xla logits."""
     tokens = _tokens((2, 12))
     xla, kernel = _model(), _model(memory_impl="interpret")
     for segments in ([[1] * 12, [3] * 12], [[1] * 12, [1] * 5 + [2] * 7]):
@@ -197,8 +197,8 @@ def test_train_step_on_data_2_tensor_2_equals_one_device(variant):
 def test_memory_kernel_runs_per_device_shard():
     """memory_impl=interpret under mesh data=2,tensor=2: the kernel runs on each device's batch and head shard
     (`per_shard`; XLA does not partition a Pallas call), and loss and gradients equal one device's."""
-    # packed rows: memory_resets=False keeps them on the kernel (document resets take the XLA scan)
-    config = _config({"memory_impl": "interpret", "memory_resets": False}, train={"batch_size": 4, "seq_len": 12})
+    # packed rows: the kernel restarts the memory at every document start, on each shard
+    config = _config({"memory_impl": "interpret"}, train={"batch_size": 4, "seq_len": 12})
     assert_sharded_gradients_equal_one_device(config, packed_batch())
 
 
