@@ -10,7 +10,8 @@ from the previous stage's parameters. `--set=section.key=value` applies to every
 `--set=model.vocab_size=8192`), `--set=family:section.key=value` to one family
 (`--set=transformer:model.num_kv_heads=4`). Runs live in `--workdir/<model>/stage<i>`; finished stages are not
 retrained, and a model whose `<out_dir>/scores/<model>.json` holds the same recipe is not trained or scored again
-(commit that folder to carry a long comparison across machines). The report is rewritten after every model.
+(commit that folder to carry a long comparison across machines). The report is rewritten after every model;
+`--report_only` writes it from the saved scores alone.
 
 The defaults are the MQAR recipe that takes the tiny transformer (2 layers) to 99.6% at L = 256, D = 16 on a 2-core
 CPU in about 20 minutes (docs/benchmarks.md): zoology's vocabulary of 8192 (with 512, random filler tokens repeat
@@ -57,6 +58,11 @@ _SET = flags.DEFINE_multi_string(
 )
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "Where the training runs go.")
 _OUT_DIR = flags.DEFINE_string("out_dir", "", "Where the table and plots go (default: --workdir).")
+_REPORT_ONLY = flags.DEFINE_bool(
+    "report_only",
+    False,
+    "Train nothing: write the report from the saved scores of the listed models (<out_dir>/scores).",
+)
 
 
 def _parse_override(item: str):
@@ -85,6 +91,7 @@ def main(argv):
             _WORKDIR.value,
             _OUT_DIR.value or _WORKDIR.value,
             os.path.join(ROOT, "configs"),
+            train=not _REPORT_ONLY.value,
         )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -346,8 +346,10 @@ def compare(
     workdir: str,
     out_dir: str,
     configs_dir: str,
+    train: bool = True,
 ) -> dict:
-    """Trains and scores every model; writes the report; returns {model: grid rows}."""
+    """Trains and scores every model; writes the report; returns {model: grid rows}. With `train=False` only the
+    models with saved scores for this recipe are reported (the rest are listed as not scored yet)."""
     if task not in SWEEP_PARAMETER:
         raise ConfigError("task", f"unknown task {task!r}; expected one of {sorted(SWEEP_PARAMETER)}")
     known = {m.partition(":")[0] for m in models} | set(models)
@@ -366,6 +368,9 @@ def compare(
             print(f"[{spec}] scored before with this recipe: {scores_path(out_dir, spec)}", flush=True)
             results[spec], timings[spec], sizes[spec] = saved["rows"], saved["training_seconds"], saved["parameters"]
             continue
+        if not train:
+            print(f"[{spec}] no saved scores for this recipe: left out of the report", flush=True)
+            continue
         started = time.perf_counter()
         last_dir = train_model(spec, base, task, stages, mine, workdir)
         timings[spec] = time.perf_counter() - started
@@ -380,6 +385,9 @@ def compare(
         save_scores(out_dir, spec, recipe, results[spec], timings[spec], sizes[spec])
         if n < len(models):  # a partial report after every model: a long comparison shows its progress
             write_report(results, task, out_dir, _meta(stages, overrides, sizes, timings, models))
+    if not results:
+        print("no model has scores for this recipe yet: no report written", flush=True)
+        return results
     meta = _meta(stages, overrides, sizes, timings, models)
     paths = write_report(results, task, out_dir, meta)
     print("wrote " + ", ".join(paths), flush=True)

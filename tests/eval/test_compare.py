@@ -82,6 +82,21 @@ def test_compare_trains_stages_scores_the_grid_and_writes_the_report(tmp_path, c
     )
     assert again == saved["results"] and not (tmp_path / "gone").exists()
     assert "scored before with this recipe" in capsys.readouterr().out
+    # a report from the saved scores alone: a model without them is listed as not scored, and nothing trains
+    only = compare.compare(
+        ["transformer:tiny", "mamba2:tiny"],
+        "mqar",
+        stages,
+        [32, 64],
+        [2, 16],
+        OVERRIDES,
+        str(tmp_path / "gone"),
+        str(tmp_path / "out"),
+        os.path.join(ROOT, "configs"),
+        train=False,
+    )
+    assert list(only) == ["transformer:tiny"] and not (tmp_path / "gone").exists()
+    assert "- not scored yet: mamba2:tiny" in (tmp_path / "out" / "comparison.md").read_text()
     # another recipe (here one more grid point) is not served from them
     assert compare.load_scores(str(tmp_path / "out"), "transformer:tiny", {**record["recipe"], "values": [2]}) is None
 
