@@ -69,32 +69,16 @@ def test_compare_trains_stages_scores_the_grid_and_writes_the_report(tmp_path, c
         [32, 2, 2],
         [64, 4, 1],
     ]
-    again = compare.compare(
-        ["transformer:tiny"],
-        "mqar",
-        stages,
-        [32, 64],
-        [2, 16],
-        OVERRIDES,
-        str(tmp_path / "gone"),
-        str(tmp_path / "out"),
-        os.path.join(ROOT, "configs"),
-    )
+
+    def rerun(models, **kw):  # the same recipe, the training runs gone
+        grid = ([32, 64], [2, 16], OVERRIDES, str(tmp_path / "gone"), str(tmp_path / "out"))
+        return compare.compare(models, "mqar", stages, *grid, os.path.join(ROOT, "configs"), **kw)
+
+    again = rerun(["transformer:tiny"])
     assert again == saved["results"] and not (tmp_path / "gone").exists()
     assert "scored before with this recipe" in capsys.readouterr().out
     # a report from the saved scores alone: a model without them is listed as not scored, and nothing trains
-    only = compare.compare(
-        ["transformer:tiny", "mamba2:tiny"],
-        "mqar",
-        stages,
-        [32, 64],
-        [2, 16],
-        OVERRIDES,
-        str(tmp_path / "gone"),
-        str(tmp_path / "out"),
-        os.path.join(ROOT, "configs"),
-        train=False,
-    )
+    only = rerun(["transformer:tiny", "mamba2:tiny"], train=False)
     assert list(only) == ["transformer:tiny"] and not (tmp_path / "gone").exists()
     assert "- not scored yet: mamba2:tiny" in (tmp_path / "out" / "comparison.md").read_text()
     # another recipe (here one more grid point) is not served from them

@@ -111,38 +111,10 @@ def test_interpret_with_document_resets_matches_reference(depth, chunks_per_bloc
         np.testing.assert_allclose(g, w, atol=2e-6 * scale, rtol=0)
 
 
-def test_memory_scan_with_resets_through_the_kernel_equals_the_xla_scan():
-    """`memory_scan(..., resets=)` with impl=interpret: the kernel's restart terms, and a document start in the
-    open (padded) last chunk, against the XLA scan: outputs, final state and gradients."""
-    batch, heads, length, dim, chunk = 2, 2, 11, 8, 4
-    keys = jax.random.split(jax.random.key(4), 7)
-    q, k, v = (jax.random.normal(keys[i], (batch, heads, length, dim)) for i in range(3))
-    q, k = (x / jnp.linalg.norm(x, axis=-1, keepdims=True) for x in (q, k))
-    lr, momentum, decay = (
-        0.3 * jax.nn.sigmoid(jax.random.normal(keys[3 + i], (batch, heads, length))) for i in range(3)
-    )
-    init = [jax.random.normal(keys[6], (heads, dim, dim)) / 3]
-    resets = jnp.zeros((batch, length)).at[0, 5].set(1).at[1, 9].set(1)  # row 1: in the open chunk (8..10)
-
-    def loss(impl):
-        def f(init, q, k, v, lr, momentum, decay):
-            y, (weights, surprise) = memory_scan(
-                init, q, k, v, lr, momentum, decay, chunk_size=chunk, impl=impl, resets=resets
-            )
-            return jnp.sum(jnp.sin(y)) + sum(jnp.sum(w**2) for w in weights + surprise)
-
-        return f
-
-    args = (init, q, k, v, lr, momentum, decay)
-    np.testing.assert_allclose(loss("interpret")(*args), loss("xla")(*args), rtol=1e-6)
-    grads = jax.grad(loss("interpret"), argnums=tuple(range(7)))(*args)
-    grads_ref = jax.grad(loss("xla"), argnums=tuple(range(7)))(*args)
-    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
-        np.testing.assert_allclose(g, w, atol=2e-6 * float(jnp.max(jnp.abs(w))), rtol=0)
-
-
-def test_memory_scan_through_the_kernel_equals_the_xla_scan():
-    """The layer's entry point, a length that is not a multiple of the chunk (padded chunk), gradients to the gates."""
+@pytest.mark.parametrize("with_resets", [False, True])
+def test_memory_scan_through_the_kernel_equals_the_xla_scan(with_resets):
+    """The layer's entry point, a length that is not a multiple of the chunk (padded chunk), gradients to the gates;
+    with document starts: the kernel's restart terms, one start in the open last chunk."""
     batch, heads, length, dim, chunk = 2, 2, 11, 8, 4
     keys = jax.random.split(jax.random.key(3), 7)
     q, k, v = (jax.random.normal(keys[i], (batch, heads, length, dim)) for i in range(3))
@@ -151,10 +123,13 @@ def test_memory_scan_through_the_kernel_equals_the_xla_scan():
         0.3 * jax.nn.sigmoid(jax.random.normal(keys[3 + i], (batch, heads, length))) for i in range(3)
     )
     init = [jax.random.normal(keys[6], (heads, dim, 2 * dim)) / 3, jnp.eye(2 * dim, dim)[None].repeat(heads, 0) / 2]
+    resets = jnp.zeros((batch, length)).at[0, 5].set(1).at[1, 9].set(1) if with_resets else None  # 9: chunk 8..10
 
     def loss(impl):
         def f(init, q, k, v, lr, momentum, decay):
-            y, (weights, surprise) = memory_scan(init, q, k, v, lr, momentum, decay, chunk_size=chunk, impl=impl)
+            y, (weights, surprise) = memory_scan(
+                init, q, k, v, lr, momentum, decay, chunk_size=chunk, impl=impl, resets=resets
+            )
             return jnp.sum(jnp.sin(y)) + sum(jnp.sum(w**2) for w in weights + surprise)
 
         return f
