@@ -336,6 +336,21 @@ def _meta(stages, overrides, sizes, timings, models) -> dict[str, Any]:
     return meta
 
 
+def check_overrides(models: Sequence[str], overrides: dict[str, Any], configs_dir: str) -> None:
+    """A `family:` or `family:preset:` prefix must name a config family (a typo is an error). One for a family or
+    preset that is not compared applies to nothing, so the default overrides can name families left out."""
+    for key in overrides:
+        prefix = key.rpartition(":")[0]
+        if (
+            prefix
+            and prefix not in models
+            and not os.path.isfile(os.path.join(configs_dir, f"{prefix.partition(':')[0]}.py"))
+        ):
+            raise ConfigError(
+                "set", f"{key!r} names {prefix!r}: no config family of that name (compared: {list(models)})"
+            )
+
+
 def compare(
     models: Sequence[str],
     task: str,
@@ -352,11 +367,7 @@ def compare(
     models with saved scores for this recipe are reported (the rest are listed as not scored yet)."""
     if task not in SWEEP_PARAMETER:
         raise ConfigError("task", f"unknown task {task!r}; expected one of {sorted(SWEEP_PARAMETER)}")
-    known = {m.partition(":")[0] for m in models} | set(models)
-    for key in overrides:
-        prefix = key.rpartition(":")[0]
-        if prefix and prefix not in known:
-            raise ConfigError("set", f"{key!r} names {prefix!r}, which is none of the compared models {list(models)}")
+    check_overrides(models, overrides, configs_dir)
     results, timings, sizes = {}, {}, {}
     for n, spec in enumerate(models, 1):
         print(f"== model {n}/{len(models)}: {spec}", flush=True)

@@ -97,7 +97,10 @@ def test_family_overrides_apply_only_to_their_models():
     assert compare.overrides_for("mamba2:tiny", {"model.d_model": 64, "mamba2:model.d_model": 96}) == {
         "model.d_model": 96
     }  # the family's value wins
-    with pytest.raises(ConfigError, match="'xlstm:model.num_heads=8'|names 'xlstm'"):
-        compare.compare(
-            ["transformer:tiny"], "mqar", [], [], [], {"xlstm:model.num_heads": 8}, "/nonexistent", "/nonexistent", ""
-        )
+    configs = os.path.join(ROOT, "configs")
+    # a family left out of the comparison (the default list names transformer) applies to nothing
+    compare.check_overrides(["titans:lmm-tiny"], {"transformer:model.num_kv_heads": 4}, configs)
+    with pytest.raises(ConfigError, match="names 'xlstmm'"):  # a typo
+        compare.check_overrides(["transformer:tiny"], {"xlstmm:model.num_heads": 8}, configs)
+    with pytest.raises(ConfigError, match="names 'xlstmm'"):
+        compare.compare(["transformer:tiny"], "mqar", [], [], [], {"xlstmm:model.num_heads": 8}, "/no", "/no", configs)
