@@ -4,6 +4,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 
 from tests.conftest import run_main as _main
 
@@ -66,6 +67,8 @@ def test_train_eval_generate_resume(tmp_path):
     assert steps == [2, 4, 6, 8, 10]
 
 
+# `slow` (about a minute on CI's 2 cores): the ring test trains through the flash kernel by default.
+@pytest.mark.slow
 def test_pallas_attention_trains_with_the_xla_losses(tmp_path):
     """attention.impl=pallas (the flash kernel in interpret mode on CPU) through main.py: the xla run's losses."""
     losses = {}

@@ -194,6 +194,8 @@ def test_train_step_on_data_2_tensor_2_equals_one_device(variant):
     assert w_qkv.sharding.spec[3] == "tensor"  # memory heads are split over `tensor`
 
 
+# `slow` (about a minute on CI's 2 cores): the AOT test compiles the kernel per shard in the sharded step by default.
+@pytest.mark.slow
 def test_memory_kernel_runs_per_device_shard():
     """memory_impl=interpret under mesh data=2,tensor=2: the kernel runs on each device's batch and head shard
     (`per_shard`; XLA does not partition a Pallas call), and loss and gradients equal one device's."""

@@ -40,7 +40,7 @@ def _tokens(shape, seed=1):
     [
         ({}, [1] * 11),
         ({"cell_form": "parallel"}, [3, 8]),  # prefill pieces continue the state in the chunkwise form
-        (NEURIPS, [4, 7]),
+        pytest.param(NEURIPS, [4, 7], marks=pytest.mark.slow),  # about a minute on CI's 2 cores
     ],
 )
 def test_decode_matches_parallel(overrides, pieces):

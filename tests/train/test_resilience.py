@@ -121,6 +121,9 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, corpus):
     assert _committed_steps(workdir) == [reached]
 
 
+# Two more main.py runs each (about a minute on CI's 2 cores): `slow`, run with -m slow. The kill test above covers
+# resuming by default.
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, corpus):
     args = [*SMALL, f"--config.data.path={corpus}", "--config.checkpoint.every=4", f"--workdir={tmp_path}"]
     assert _main(*args, "--config.train.steps=8", timeout=300).returncode == 0
@@ -139,6 +142,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, corpus):
     assert _committed_steps(tmp_path) == [4, 8, 10]
 
 
+@pytest.mark.slow  # about two minutes on CI's 2 cores
 def test_resume_on_another_mesh_continues_the_same_losses(tmp_path, corpus):
     # A constant learning rate after warmup makes the schedule independent of train.steps.
     args = [*SMALL, f"--config.data.path={corpus}", "--config.train.min_lr_ratio=1.0"]
