@@ -361,7 +361,9 @@ class Block(nnx.Module):
             return (store_history, history_segments, state, chunk_gates), (y, m)
 
         store_history = jnp.zeros((batch, taps, 3, mixer.num_heads, mixer.head_dim), h.dtype)
-        history_segments = None if segment_ids is None else jnp.full((batch, taps), -1, segment_ids.dtype)
+        # The (all-zero) history belongs to the first token's document, so token 0 starts no document: the memory
+        # kernel then skips its restart terms on batches without a document start inside them.
+        history_segments = None if segment_ids is None else jnp.broadcast_to(segment_ids[:, :1], (batch, taps))
         chunk_gates = jnp.zeros((batch, 3, mixer.num_heads), jnp.float32)  # gates="chunk": a chunk across segments
         carry = (store_history, history_segments, mixer._initial_state(batch), chunk_gates)
         xs = (split(h, 1), split(q_read, 2), segments, jnp.arange(count))
