@@ -300,7 +300,7 @@ def save_scores(out_dir: str, spec: str, recipe: dict, rows: list[dict], seconds
         "rows": rows,
         "training_seconds": seconds,
         "parameters": parameters,
-        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "devices": _devices(),
         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     with open(path + ".tmp", "w") as f:
@@ -322,13 +322,22 @@ def load_scores(out_dir: str, spec: str, recipe: dict) -> dict | None:
     return record
 
 
-def _meta(stages, overrides, sizes, timings, models) -> dict[str, Any]:
+def _devices() -> str:
+    return f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+
+
+def _meta(stages, overrides, sizes, timings, models, devices) -> dict[str, Any]:
     meta = {
         "stages (seq_len:value:steps)": ", ".join(f"{s.seq_len}:{s.value:g}:{s.steps}" for s in stages),
         "overrides": ", ".join(f"{k}={v}" for k, v in overrides.items()) or "none",
         "parameters": ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in sizes.items()),
         "training wall time (s)": ", ".join(f"{k} {v:.0f}" for k, v in timings.items()),
-        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        # where each model was trained and scored (its scores file says so), not where this report is written
+        "devices": (
+            next(iter(devices.values()))
+            if len(set(devices.values())) == 1
+            else ", ".join(f"{k} {v}" for k, v in devices.items())
+        ),
     }
     missing = [m for m in models if m not in sizes]
     if missing:
@@ -368,7 +377,7 @@ def compare(
     if task not in SWEEP_PARAMETER:
         raise ConfigError("task", f"unknown task {task!r}; expected one of {sorted(SWEEP_PARAMETER)}")
     check_overrides(models, overrides, configs_dir)
-    results, timings, sizes = {}, {}, {}
+    results, timings, sizes, devices = {}, {}, {}, {}
     for n, spec in enumerate(models, 1):
         print(f"== model {n}/{len(models)}: {spec}", flush=True)
         base = load_preset(spec, configs_dir)
@@ -378,11 +387,13 @@ def compare(
         if saved is not None:
             print(f"[{spec}] scored before with this recipe: {scores_path(out_dir, spec)}", flush=True)
             results[spec], timings[spec], sizes[spec] = saved["rows"], saved["training_seconds"], saved["parameters"]
+            devices[spec] = saved.get("devices", "unknown")
             continue
         if not train:
             print(f"[{spec}] no saved scores for this recipe: left out of the report", flush=True)
             continue
         started = time.perf_counter()
+        devices[spec] = _devices()
         last_dir = train_model(spec, base, task, stages, mine, workdir)
         timings[spec] = time.perf_counter() - started
         config = stage_config(base, task, stages[-1], mine)
@@ -395,11 +406,11 @@ def compare(
             )
         save_scores(out_dir, spec, recipe, results[spec], timings[spec], sizes[spec])
         if n < len(models):  # a partial report after every model: a long comparison shows its progress
-            write_report(results, task, out_dir, _meta(stages, overrides, sizes, timings, models))
+            write_report(results, task, out_dir, _meta(stages, overrides, sizes, timings, models, devices))
     if not results:
         print("no model has scores for this recipe yet: no report written", flush=True)
         return results
-    meta = _meta(stages, overrides, sizes, timings, models)
+    meta = _meta(stages, overrides, sizes, timings, models, devices)
     paths = write_report(results, task, out_dir, meta)
     print("wrote " + ", ".join(paths), flush=True)
     return results

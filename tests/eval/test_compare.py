@@ -77,10 +77,15 @@ def test_compare_trains_stages_scores_the_grid_and_writes_the_report(tmp_path, c
     again = rerun(["transformer:tiny"])
     assert again == saved["results"] and not (tmp_path / "gone").exists()
     assert "scored before with this recipe" in capsys.readouterr().out
-    # a report from the saved scores alone: a model without them is listed as not scored, and nothing trains
+    # a report from the saved scores alone: a model without them is listed as not scored, and nothing trains; the
+    # report names the machine each model was scored on (its scores file), not the one writing it
+    assert record["devices"] == "8 x cpu"
+    path = tmp_path / "out" / "scores" / "transformer_tiny.json"
+    path.write_text(json.dumps({**record, "devices": "1 x NVIDIA H200"}))
     only = rerun(["transformer:tiny", "mamba2:tiny"], train=False)
     assert list(only) == ["transformer:tiny"] and not (tmp_path / "gone").exists()
-    assert "- not scored yet: mamba2:tiny" in (tmp_path / "out" / "comparison.md").read_text()
+    report = (tmp_path / "out" / "comparison.md").read_text()
+    assert "- not scored yet: mamba2:tiny" in report and "- devices: 1 x NVIDIA H200" in report
     # another recipe (here one more grid point) is not served from them
     assert compare.load_scores(str(tmp_path / "out"), "transformer:tiny", {**record["recipe"], "values": [2]}) is None
 
