@@ -73,8 +73,10 @@ def _matmul(x, y):
     return jnp.einsum("...ij,...jk->...ik", x, y)
 
 
-def _token_gradients(ref, k, v):
-    """Per-token gradient factors at the memory `ref`: the layer inputs h^(l−1) and errors δ^l (u^l = h^(l−1)ᵀ δ^l)."""
+def _token_gradients(ref, k, v, max_grad_norm=0.0):
+    """Per-token gradient factors at the memory `ref`: the layer inputs h^(l−1) and errors δ^l (u^l = h^(l−1)ᵀ δ^l).
+    max_grad_norm > 0 clips each token's whole gradient (every layer's u^l) to that Frobenius norm by scaling its
+    errors: ‖u^l‖ = ‖h^(l−1)‖ ‖δ^l‖, each u^l being an outer product."""
     inputs, pre, h = [], [], k
     for layer, w in enumerate(ref):
         inputs.append(h)
@@ -84,12 +86,18 @@ def _token_gradients(ref, k, v):
     errors = [2 * (pre[-1] - v)]
     for layer in range(len(ref) - 1, 0, -1):
         errors.insert(0, _rows_by_cols(errors[0], ref[layer]) * _silu_grad(pre[layer - 1]))
+    if max_grad_norm:
+        squares = [jnp.sum(x * x, axis=-1, keepdims=True) for x in (*inputs, *errors)]
+        norm = jnp.sqrt(sum(h * d for h, d in zip(squares[: len(ref)], squares[len(ref) :], strict=True)) + 1e-12)
+        scale = max_grad_norm / jnp.maximum(norm, max_grad_norm)  # [..., c, 1]; 1 below the bound (finite gradient)
+        errors = [d * scale for d in errors]
     return inputs, errors
 
 
-def chunk_step(weights, momentum, q, k, v, gamma, cols, ref=None, init=None, reset_cols=None):
+def chunk_step(weights, momentum, q, k, v, gamma, cols, ref=None, init=None, reset_cols=None, max_grad_norm=0.0):
     """One chunk (module docstring): returns (y `[..., c, d_v]`, new weights, new momentum). The gradients are taken
-    at `ref` (default: the weights; a streaming caller resuming inside a chunk passes that chunk's start memory).
+    at `ref` (default: the weights; a streaming caller resuming inside a chunk passes that chunk's start memory);
+    max_grad_norm > 0 clips each token's gradient to that norm (`_token_gradients`).
 
     Document resets (`reset_cols` `[..., c, 2]`, with the restart memory `init` per layer): column 0 is c_t, the
     coefficient of `init` in M_t, column 1 is 1 from the chunk's first document start on (those tokens take their
@@ -98,11 +106,11 @@ def chunk_step(weights, momentum, q, k, v, gamma, cols, ref=None, init=None, res
     a, b, last, sigma = (_column(cols, i) for i in range(4))
     e, a_last, b_last = (jnp.mean(_column(cols, i), axis=-2, keepdims=True) for i in (4, 5, 6))  # [..., 1, 1]
     ref = weights if ref is None else ref
-    inputs, errors = _token_gradients(ref, k, v)
+    inputs, errors = _token_gradients(ref, k, v, max_grad_norm)
     if reset_cols is not None:
         restart, after = _column(reset_cols, 0), _column(reset_cols, 1) > 0  # [..., c, 1]
         restart_last = _last_row(restart)
-        inputs_0, errors_0 = _token_gradients(init, k, v)
+        inputs_0, errors_0 = _token_gradients(init, k, v, max_grad_norm)
         inputs = [jnp.where(after, x0, x) for x0, x in zip(inputs_0, inputs, strict=True)]
         errors = [jnp.where(after, x0, x) for x0, x in zip(errors_0, errors, strict=True)]
     g = q
@@ -123,13 +131,13 @@ def chunk_step(weights, momentum, q, k, v, gamma, cols, ref=None, init=None, res
     return g, new_weights, new_momentum
 
 
-def reference(weights, momentum, q, k, v, gamma, cols, init=None, reset_cols=None):
+def reference(weights, momentum, q, k, v, gamma, cols, init=None, reset_cols=None, max_grad_norm=0.0):
     """`chunk_step` under `lax.scan` (XLA). Returns (y `[chunks, ..., c, d_v]`, (final weights, final momentum),
     (chunk-start weights, chunk-start momentum) each `[chunks, ..., d_in, d_out]` per layer)."""
 
     def body(state, xs):
         *xs, rc = xs
-        y, new_weights, new_momentum = chunk_step(*state, *xs, init=init, reset_cols=rc)
+        y, new_weights, new_momentum = chunk_step(*state, *xs, init=init, reset_cols=rc, max_grad_norm=max_grad_norm)
         return (new_weights, new_momentum), (y, state)
 
     final, (y, starts) = jax.lax.scan(body, (list(weights), list(momentum)), (q, k, v, gamma, cols, reset_cols))
@@ -149,12 +157,14 @@ def memory_chunks(
     chunks_per_block: int = 0,
     init=None,
     reset_cols=None,
+    max_grad_norm: float = 0.0,
 ):
     """The chunked memory scan (module docstring for the layout) by `impl`: "auto" | "pallas" | "interpret" |
     "reference" (`kernels_pallas.common`). chunks_per_block: chunks per TPU grid step (0: all of them, up to 8 on
     TPU); the GPU kernel takes every chunk in one block. Document resets: `reset_cols` `[chunks, ..., c, 2]` and
     the restart memory `init` (per layer, shaped as the weights), as in `chunk_step`; the kernel then also returns
-    the gradient of `init`. Returns what `reference` returns."""
+    the gradient of `init`. max_grad_norm > 0 clips every token's gradient to that norm (`chunk_step`). Returns what
+    `reference` returns."""
     _check_inputs(weights, momentum, q, k, v, gamma, cols, init, reset_cols)
     mode = common.resolve_impl(impl, "titans_memory")
     target = "gpu" if common.backend() == "gpu" else "tpu"
@@ -164,7 +174,7 @@ def memory_chunks(
             common.say_once(f"titans_memory: {reason}; using the reference (XLA) scan")
             mode = "reference"
     if mode == "reference":
-        return reference(weights, momentum, q, k, v, gamma, cols, init, reset_cols)
+        return reference(weights, momentum, q, k, v, gamma, cols, init, reset_cols, max_grad_norm)
     resets = reset_cols is not None
     extras = (list(init), reset_cols) if resets else ([], None)
     chunks = q.shape[0]
@@ -173,7 +183,7 @@ def memory_chunks(
         if padded != chunks:
             q, k, v, gamma, cols, reset_cols = _pad_chunks((q, k, v, gamma, cols, reset_cols), padded - chunks)
             y, final, starts = _kernel_scan(
-                _Call(depth=len(weights), block=padded, interpret=mode == "interpret", resets=resets),
+                _Call(len(weights), padded, mode == "interpret", resets, float(max_grad_norm)),
                 list(weights),
                 list(momentum),
                 q,
@@ -190,7 +200,7 @@ def memory_chunks(
         block = chunks_per_block or min(chunks, 8)
         while chunks % block:
             block -= 1
-    call = _Call(depth=len(weights), block=block, interpret=mode == "interpret", resets=resets)
+    call = _Call(len(weights), block, mode == "interpret", resets, float(max_grad_norm))
     return _kernel_scan(call, list(weights), list(momentum), q, k, v, gamma, cols, *extras)
 
 
@@ -250,6 +260,7 @@ class _Call:
     block: int  # chunks per grid step
     interpret: bool
     resets: bool = False  # document resets: reset_cols per chunk and the restart memory init per layer
+    max_grad_norm: float = 0.0  # > 0: every token's gradient clipped to this norm
 
 
 def _to_programs(x):
@@ -331,6 +342,7 @@ def _forward_kernel(*refs, call):
             cols_ref[0, i],
             init=restart,
             reset_cols=rc[0][0, i] if call.resets else None,
+            max_grad_norm=call.max_grad_norm,
         )
         y_ref[0, i] = y.astype(y_ref.dtype)
         return list(weights), list(momentum)
@@ -354,10 +366,12 @@ def _backward_kernel(*refs, call):
         for ref in dinit:
             ref[...] = jnp.zeros(ref.shape, ref.dtype)
 
-    restart = [ref[0] for ref in init]
+    restart, clip = [ref[0] for ref in init], call.max_grad_norm
 
     def step(weights, momentum, q, k, v, gamma, cols, init, reset_cols):
-        return chunk_step(weights, momentum, q, k, v, gamma, cols, init=init or None, reset_cols=reset_cols)
+        return chunk_step(
+            weights, momentum, q, k, v, gamma, cols, init=init or None, reset_cols=reset_cols, max_grad_norm=clip
+        )
 
     def body(t, state):
         dweights, dmomentum, dinit_sum = state

@@ -60,7 +60,7 @@ def memory_read(weights: Sequence[jax.Array], x: jax.Array) -> jax.Array:
     return _layers(weights, x)[1][-1]
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size", "impl"))
+@functools.partial(jax.jit, static_argnames=("chunk_size", "impl", "max_grad_norm"))
 def memory_scan(
     init_weights: Sequence[jax.Array],
     q: jax.Array,
@@ -74,6 +74,7 @@ def memory_scan(
     initial_momentum: Sequence[jax.Array] | None = None,
     impl: str = "xla",
     resets: jax.Array | None = None,
+    max_grad_norm: float = 0.0,
 ) -> tuple[jax.Array, tuple[Weights, Weights]]:
     """Stores (k_t, v_t) and retrieves y_t = M_t(q_t) for every token, chunk-parallel (see the module docstring).
 
@@ -92,6 +93,9 @@ def memory_scan(
         gradients at M_0, as if the chunk started there (exactly the per-token recurrence with that rule; a
         document starting on a chunk boundary runs as it would alone). A reset at position 0 changes nothing. A
         batch with any reset runs the XLA scan whatever `impl` says.
+      max_grad_norm: > 0 clips every token's gradient ∇_W ℓ (all layers together, Frobenius norm) to this norm
+        before it enters the momentum: S_t = η_t S_(t−1) − θ_t clip(∇_W ℓ). Not in the paper (0, the default, is
+        the paper's rule); it bounds each token's step, which a deep memory needs to train stably (docs).
 
     Returns:
       y `[batch, heads, length, value_dim]` and the final `(weights, momentum)`, each `[batch, heads, d_in, d_out]`
@@ -116,6 +120,7 @@ def memory_scan(
         impl=impl,
         resets=resets,
         init=restart,
+        max_grad_norm=max_grad_norm,
     )
     return y, (weights, momentum_state)
 
@@ -144,6 +149,7 @@ def memory_scan_from(
     impl: str = "xla",
     resets: jax.Array | None = None,
     init: Weights | None = None,
+    max_grad_norm: float = 0.0,
 ) -> tuple[jax.Array, tuple[Weights, Weights, Weights]]:
     """`memory_scan` continuing a chunk: `state = (W_ref, M, S)` with `offset` tokens of the current chunk done.
 
@@ -156,7 +162,7 @@ def memory_scan_from(
     `offset` may be traced (streaming decode): the tokens are then placed in a buffer long enough for any offset.
     `resets` `[batch, heads, length]` (1 where a document starts) restart the memory from `init` (M_0 per layer,
     `[batch, heads, d_in, d_out]`) and the momentum from 0 there, and the rest of that chunk takes its gradients at
-    `init` (see `memory_scan`); the kernel handles them too.
+    `init` (see `memory_scan`); the kernel handles them too. `max_grad_norm` as in `memory_scan`.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
@@ -210,7 +216,17 @@ def memory_scan_from(
         def run(weights, momentum, q, k, v, gamma, cols, *restart):
             init, reset_cols = restart or (None, None)
             return titans_memory.memory_chunks(
-                weights, momentum, q, k, v, gamma, cols, impl=kernel_impl, init=init, reset_cols=reset_cols
+                weights,
+                momentum,
+                q,
+                k,
+                v,
+                gamma,
+                cols,
+                impl=kernel_impl,
+                init=init,
+                reset_cols=reset_cols,
+                max_grad_norm=max_grad_norm,
             )
 
         y, (weights, momentum_state), (starts, _) = per_shard(  # a kernel runs on each device's shard
@@ -232,14 +248,15 @@ def memory_scan_from(
             ref = _select(index == 0, ref, weights)
             chunk_ref = ref  # the reference of this chunk's later tokens: the restart memory after a reset
             args = (weights, momentum_state, q_c, k_c, v_c, gamma, cols)
+            step = functools.partial(titans_memory.chunk_step, max_grad_norm=max_grad_norm)
             if reset_c is None:
-                y_c, weights, momentum_state = titans_memory.chunk_step(*args, ref=ref)
+                y_c, weights, momentum_state = step(*args, ref=ref)
             else:
                 chunk_ref = _select(reset_c[..., -1, 1:2, None] > 0, init, ref)
                 y_c, weights, momentum_state = jax.lax.cond(  # the reset terms only for chunks that have a reset
                     jnp.any(reset_c[..., 1] > 0),
-                    lambda: titans_memory.chunk_step(*args, ref=ref, init=init, reset_cols=reset_c),
-                    lambda: titans_memory.chunk_step(*args, ref=ref),
+                    lambda: step(*args, ref=ref, init=init, reset_cols=reset_c),
+                    lambda: step(*args, ref=ref),
                 )
             open_ref = _select(index == open_chunk, chunk_ref, open_ref)
             return (ref, weights, momentum_state, open_ref), y_c
@@ -264,7 +281,7 @@ def _select(predicate, on_true, on_false):
     return jax.tree.map(lambda a, b: jnp.where(predicate, a, b), on_true, on_false)
 
 
-@functools.partial(jax.jit, static_argnames="chunk_size")
+@functools.partial(jax.jit, static_argnames=("chunk_size", "max_grad_norm"))
 def memory_scan_reference(
     init_weights: Sequence[jax.Array],
     q: jax.Array,
@@ -277,6 +294,7 @@ def memory_scan_reference(
     chunk_size: int,
     initial_momentum: Sequence[jax.Array] | None = None,
     resets: jax.Array | None = None,
+    max_grad_norm: float = 0.0,
 ) -> tuple[jax.Array, tuple[Weights, Weights]]:
     """The oracle: one `lax.scan` step per token, gradients by `jax.grad` at the chunk-start memory.
 
@@ -300,6 +318,9 @@ def memory_scan_reference(
         ref, weights = (_select(restart_here, restart, w) for w in (ref, weights))
         momentum_state = _select(restart_here, [jnp.zeros_like(s) for s in momentum_state], momentum_state)
         grads = per_token_grad(ref, k_t, v_t)
+        if max_grad_norm:  # the whole token gradient to at most that norm, per batch element and head
+            norm = jnp.sqrt(sum(jnp.sum(g * g, axis=(-2, -1)) for g in grads))[..., None, None]
+            grads = [g * jnp.minimum(1.0, max_grad_norm / norm) for g in grads]
         momentum_state = [
             momentum_t[..., None, None] * s - lr_t[..., None, None] * g
             for s, g in zip(momentum_state, grads, strict=True)

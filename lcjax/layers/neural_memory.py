@@ -54,7 +54,8 @@ class NeuralMemory(nnx.Module):
     The memory recurrence runs in float32 whatever the compute dtype; `impl` picks its chunk scan (`IMPLS`). Packed
     documents (`segment_ids`): the convolution restarts at a new document and, with `document_resets` (default), so
     do the memory (M_0), the momentum (0) and the gradient reference of the chunk (`memory_scan`'s `resets`, in the
-    XLA scan and the kernel alike). With `document_resets=False` the memory runs across documents.
+    XLA scan and the kernel alike). With `document_resets=False` the memory runs across documents. `max_grad_norm`
+    > 0 clips each token's memory gradient to that norm (`memory_scan`; not in the paper, for deep memories).
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class NeuralMemory(nnx.Module):
         impl: str = "xla",
         gates: str = "token",
         document_resets: bool = True,
+        max_grad_norm: float = 0.0,
     ):
         if impl not in IMPLS:
             raise ValueError(f"NeuralMemory: impl={impl!r}; expected one of {IMPLS}")
@@ -81,7 +83,7 @@ class NeuralMemory(nnx.Module):
             raise ValueError(f"NeuralMemory: gates={gates!r}; expected one of {GATES}")
         self.gates, self.document_resets = gates, document_resets
         self.num_heads, self.head_dim, self.chunk_size, self.conv_size = num_heads, head_dim, chunk_size, conv_size
-        self.max_lr, self.impl = max_lr, impl
+        self.max_lr, self.impl, self.max_grad_norm = max_lr, impl, max_grad_norm
         self.w_qkv = param(
             rngs, (d_model, 3, num_heads, head_dim), ("embed", None, "heads", "head_dim"), normal(init_std)
         )
@@ -236,6 +238,7 @@ class NeuralMemory(nnx.Module):
             impl=self.impl,
             resets=resets,
             init=restart,
+            max_grad_norm=self.max_grad_norm,
         )
         return self._output(y, x), (history, new_state, chunk_gates)
 

@@ -74,6 +74,10 @@ class TitansConfig:
     # θ = max_lr * sigmoid(...). 0: 1 / chunk_size, so that a chunk of identical keys (all its gradients taken at
     # the chunk start, e.g. a run of spaces) cannot overshoot: 2θ * chunk_size <= 2. Larger values diverge on text.
     memory_max_lr: float = 0.0
+    # > 0: every token's memory gradient (all layers, Frobenius norm) is clipped to this norm before the momentum.
+    # Not in the paper (0 is its rule), but depth >= 2 needs it: unclipped, a deep memory's curvature grows with its
+    # own weights and lmm-tiny at depth 2 gives NaN on every batch from step ~70; with 1.0 it trains (docs).
+    memory_max_grad_norm: float = 0.0
     # The memory's chunk scan: xla (lax.scan) | pallas (the fused kernel of kernels_pallas/titans_memory.py: Mosaic on
     # TPU, Triton on GPU, interpret mode on CPU) | auto (the kernel on TPU/GPU, xla on CPU) | interpret.
     memory_impl: str = "xla"
@@ -130,6 +134,10 @@ class TitansConfig:
             raise ConfigError("model.num_persistent", f"must be >= 0, got {self.num_persistent}")
         if not self.memory_head_dim and self.d_model % self.memory_heads:
             raise ConfigError("model.memory_heads", f"={self.memory_heads} must divide model.d_model={self.d_model}")
+        if self.memory_max_grad_norm < 0:
+            raise ConfigError(
+                "model.memory_max_grad_norm", f"must be >= 0 (0: no clipping), got {self.memory_max_grad_norm}"
+            )
         if self.memory_max_lr < 0:
             raise ConfigError("model.memory_max_lr", f"must be >= 0 (0: 1/chunk_size), got {self.memory_max_lr}")
         for name in ("memory_heads", "mlp_dim", "vocab_size"):
@@ -250,6 +258,7 @@ class Block(nnx.Module):
             impl=cfg.memory_impl,
             gates=cfg.memory_gates,
             document_resets=cfg.memory_resets,
+            max_grad_norm=cfg.memory_max_grad_norm,
         )
         if cfg.variant in ATTENTION_VARIANTS:  # mac's attention is segment-local: the window does not apply
             self.attn = WindowAttention(cfg, out_std=out_std, rngs=rngs)

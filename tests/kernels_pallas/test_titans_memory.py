@@ -37,17 +37,20 @@ def _loss(impl, chunks_per_block=0, **resets):
     return loss
 
 
-@pytest.mark.parametrize("depth,chunks_per_block", [(1, 0), (1, 1), (2, 2)])
-def test_interpret_matches_reference_forward_and_gradients(depth, chunks_per_block):
-    """chunks_per_block < chunks: the state crosses grid steps (resident output blocks) forward and backward."""
+@pytest.mark.parametrize("depth,chunks_per_block,clip", [(1, 0, 0.0), (1, 1, 0.0), (2, 2, 0.0), (2, 0, 0.3)])
+def test_interpret_matches_reference_forward_and_gradients(depth, chunks_per_block, clip):
+    """chunks_per_block < chunks: the state crosses grid steps (resident output blocks) forward and backward.
+    clip: every token's gradient clipped to that norm (`max_grad_norm`) inside the kernel too."""
     args = _inputs(depth)
-    want = titans_memory.reference(*args)
-    got = titans_memory.memory_chunks(*args, impl="interpret", chunks_per_block=chunks_per_block)
+    want = titans_memory.reference(*args, max_grad_norm=clip)
+    if clip:  # the bound is active here
+        assert float(jnp.abs(titans_memory.reference(*args)[0] - want[0]).max()) > 1e-3
+    got = titans_memory.memory_chunks(*args, impl="interpret", chunks_per_block=chunks_per_block, max_grad_norm=clip)
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
-    grads = jax.grad(_loss("interpret", chunks_per_block), argnums=tuple(range(7)))(*args)
-    grads_ref = jax.grad(_loss("reference"), argnums=tuple(range(7)))(*args)
+    grads = jax.grad(_loss("interpret", chunks_per_block, max_grad_norm=clip), argnums=tuple(range(7)))(*args)
+    grads_ref = jax.grad(_loss("reference", max_grad_norm=clip), argnums=tuple(range(7)))(*args)
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
         scale = float(jnp.max(jnp.abs(w)))
         assert scale > 0
@@ -151,7 +154,7 @@ def _abstract(depth, chunks=8, size=64, dim=64, resets=False):
     return [*weights, *weights, x, x, x, f32(chunks, 1, 2, size, size), f32(chunks, 1, 2, size, 8), *resets]
 
 
-def _fwd_bwd(depth, resets=False):
+def _fwd_bwd(depth, resets=False, clip=0.0):
     def fn(*args):
         weights, momentum = list(args[:depth]), list(args[depth : 2 * depth])
         q, k, v, gamma, cols = args[2 * depth : 2 * depth + 5]
@@ -159,7 +162,17 @@ def _fwd_bwd(depth, resets=False):
 
         def loss(weights, momentum, q, k, v, gamma, cols, init):
             y, (final, _), _ = titans_memory.memory_chunks(
-                weights, momentum, q, k, v, gamma, cols, impl="pallas", init=init, reset_cols=reset_cols
+                weights,
+                momentum,
+                q,
+                k,
+                v,
+                gamma,
+                cols,
+                impl="pallas",
+                init=init,
+                reset_cols=reset_cols,
+                max_grad_norm=clip,
             )
             return jnp.sum(y) + sum(jnp.sum(w) for w in final)
 
@@ -170,8 +183,10 @@ def _fwd_bwd(depth, resets=False):
 
 @pytest.mark.parametrize("depth,resets", [(1, False), (2, False), (2, True)])
 def test_tpu_kernels_compile_with_mosaic_for_v5e(depth, resets):
+    """The depth-2 case with resets also clips the token gradients (`max_grad_norm`)."""
     pytest.importorskip("libtpu")
-    compiled = common.compile_for_tpu(_fwd_bwd(depth, resets), _abstract(depth, resets=resets), "v5e:2x2")
+    clip = 1.0 if resets else 0.0
+    compiled = common.compile_for_tpu(_fwd_bwd(depth, resets, clip), _abstract(depth, resets=resets), "v5e:2x2")
     assert compiled.as_text().count('custom_call_target="tpu_custom_call"') == 2  # forward and backward kernels
 
 
@@ -179,7 +194,7 @@ def test_tpu_kernels_compile_with_mosaic_for_v5e(depth, resets):
 def test_gpu_kernels_lower_to_triton_for_cuda(resets):
     """6 chunks: the count is padded to 8 for the Triton block."""
     args = _abstract(2, chunks=6, size=32, dim=32, resets=resets)
-    text = common.lower_for(_fwd_bwd(2, resets), args, ("cuda",)).as_text()
+    text = common.lower_for(_fwd_bwd(2, resets, clip=1.0 if resets else 0.0), args, ("cuda",)).as_text()
     assert text.count("custom_call @__gpu$xla.gpu.triton") == 2
 
 

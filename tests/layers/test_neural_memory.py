@@ -170,6 +170,40 @@ def test_gradients_of_the_chunked_form_equal_those_of_the_reference(x64):
         np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("depth", [pytest.param(1, marks=pytest.mark.slow), 2])  # depth 1: `slow` (CI's budget)
+def test_clipped_token_gradients_chunked_equal_the_per_token_rule(x64, depth):
+    """max_grad_norm: each token's gradient (every layer together) clipped to that norm before the momentum, in the
+    chunked dual form as in the per-token `jax.grad` oracle; with and without a document reset; and the gradients."""
+    length, clip = 11, 0.5
+    args = make_inputs(3, length, depth)
+    resets = jnp.zeros((BATCH, length)).at[0, 6].set(1)
+    for chunk_size, reset in ((1, None), (length, None), (4, resets)):
+        kw = dict(chunk_size=chunk_size, resets=reset, max_grad_norm=clip)
+        y, state = memory_scan(*args, **kw)
+        y_ref, state_ref = memory_scan_reference(*args, **kw)
+        for got, want in zip(jax.tree.leaves((y, state)), jax.tree.leaves((y_ref, state_ref)), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-11, err_msg=f"chunk {chunk_size}")
+    # the bound is active: most token gradients here exceed it, so clipping changes the outputs
+    unclipped, _ = memory_scan_reference(*args, chunk_size=4)
+    clipped, _ = memory_scan_reference(*args, chunk_size=4, max_grad_norm=clip)
+    assert float(jnp.max(jnp.abs(unclipped - clipped))) > 1e-2
+    # a bound above every gradient changes nothing
+    loose, _ = memory_scan(*args, chunk_size=4, max_grad_norm=1e6)
+    np.testing.assert_allclose(loose, memory_scan(*args, chunk_size=4)[0], rtol=1e-12, atol=1e-13)
+
+    probe = jax.random.normal(jax.random.key(4), (BATCH, HEADS, length, DIM))
+
+    def grads(scan):
+        def loss(init, sequence):
+            y, (weights, _) = scan(init, *sequence, chunk_size=4, max_grad_norm=clip)
+            return jnp.sum(y * probe) + sum(jnp.sum(jnp.sin(w)) for w in weights)
+
+        return jax.grad(loss, argnums=(0, 1))(args[0], args[1:])
+
+    for g, w in zip(jax.tree.leaves(grads(memory_scan)), jax.tree.leaves(grads(memory_scan_reference)), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-10)
+
+
 def test_bad_shapes_name_what_was_expected():
     init, q, k, v, lr, momentum, decay = make_inputs(9, 5, depth=1)
     with pytest.raises(ValueError, match=r"lr has shape .* expected \[batch, heads, length\]"):

@@ -278,6 +278,7 @@ def test_mac_keeps_its_persistent_tokens_per_layer():
         ({"variant": "mac", "segment": 0}, {}, "model.segment"),
         ({"memory_impl": "triton"}, {}, "model.memory_impl"),
         ({"memory_gates": "segment"}, {}, "model.memory_gates"),
+        ({"memory_max_grad_norm": -1.0}, {}, "model.memory_max_grad_norm"),
         ({}, {"sequence": 2, "data": -1}, "mesh.sequence"),
     ],
 )
