@@ -37,6 +37,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from flax import nnx
 
 from lcjax.errors import ConfigError
@@ -65,8 +66,8 @@ class TitansConfig:
     mlp_dim: int = 384
     memory_heads: int = 4
     memory_head_dim: int = 0  # 0: d_model // memory_heads
-    # Layers of the memory MLP (1: a linear matrix memory). Depth 2 diverges on the default corpus after ~35 steps of
-    # lmm-tiny (the hidden layer's curvature grows with the second layer's weights); 1 trains stably.
+    # Layers of the memory MLP (1: a linear matrix memory). Depth >= 2 needs memory_max_grad_norm (below): unclipped it
+    # diverges on the default corpus within ~70 steps of lmm-tiny (its curvature grows with its own weights).
     memory_depth: int = 1
     memory_expansion: int = 2  # hidden width of a deep memory, in multiples of memory_head_dim
     chunk_size: int = 16  # tokens per chunk: gradients inside a chunk are taken at its start memory
@@ -140,6 +141,12 @@ class TitansConfig:
             )
         if self.memory_max_lr < 0:
             raise ConfigError("model.memory_max_lr", f"must be >= 0 (0: 1/chunk_size), got {self.memory_max_lr}")
+        if self.memory_depth > 1 and not self.memory_max_grad_norm:
+            logging.warning(
+                "model.memory_depth=%d without model.memory_max_grad_norm: a deep memory's unclipped updates diverge "
+                "(NaN losses) within ~100 steps on text; 1.0 trains stably (docs/benchmarks.md)",
+                self.memory_depth,
+            )
         for name in ("memory_heads", "mlp_dim", "vocab_size"):
             if getattr(self, name) % mesh["tensor"]:
                 raise ConfigError(

@@ -288,6 +288,14 @@ def test_bad_configs_name_the_field(model, mesh, field):
     assert error.value.field == field
 
 
+def test_deep_memory_without_clipping_says_which_flag_keeps_it_stable(caplog):
+    with caplog.at_level("WARNING"):
+        _config({"memory_depth": 2, "memory_max_grad_norm": 1.0}).validate(jax.device_count())
+        assert "memory_max_grad_norm" not in caplog.text
+        _config({"memory_depth": 2}).validate(jax.device_count())
+    assert "model.memory_depth=2 without model.memory_max_grad_norm" in caplog.text
+
+
 # lmm-tiny runs by default; mac/mag/mal-tiny (about a minute each on CI's 2 cores) are `slow`: run with -m slow.
 @pytest.mark.parametrize(
     "preset", ["lmm-tiny", *(pytest.param(f"{v}-tiny", marks=pytest.mark.slow) for v in ("mac", "mag", "mal"))]
