@@ -319,8 +319,8 @@ def memory_scan_reference(
         momentum_state = _select(restart_here, [jnp.zeros_like(s) for s in momentum_state], momentum_state)
         grads = per_token_grad(ref, k_t, v_t)
         if max_grad_norm:  # the whole token gradient to at most that norm, per batch element and head
-            norm = jnp.sqrt(sum(jnp.sum(g * g, axis=(-2, -1)) for g in grads))[..., None, None]
-            grads = [g * jnp.minimum(1.0, max_grad_norm / norm) for g in grads]
+            norm = jnp.sqrt(sum(jnp.sum(g * g, axis=(-2, -1)) for g in grads) + 1e-12)[..., None, None]
+            grads = [g * (max_grad_norm / jnp.maximum(norm, max_grad_norm)) for g in grads]  # finite at g = 0
         momentum_state = [
             momentum_t[..., None, None] * s - lr_t[..., None, None] * g
             for s, g in zip(momentum_state, grads, strict=True)
