@@ -11,6 +11,8 @@ last layer):
   δ^L = 2 (z^L − v),  δ^l = (δ^(l+1) M^(l+1)ᵀ) ⊙ silu'(z^l)          per-token gradients u^l_t = h^(l−1)_tᵀ δ^l_t
   retrieval from g^0 = q:  z = a ⊙ (g M^l) + b ⊙ (g S^l) + (Γ ⊙ g h^(l−1)ᵀ) δ^l,  g^l = silu(z) (z on the last)
   M'^l = a_c M^l + b_c S^l + (Γ_c ⊙ h^(l−1))ᵀ δ^l          S'^l = e S^l + (σ ⊙ h^(l−1))ᵀ δ^l
+(`max_grad_norm` > 0 scales each token's δ^l by min(1, G / ‖u_t‖), ‖u_t‖² = Σ_l ‖h^(l−1)_t‖² ‖δ^l_t‖²: the token's
+whole gradient clipped to norm G.)
 `chunk_step` is that chunk (the specification, any leading axes); `reference` scans it over the chunks in XLA. The
 kernel runs `chunk_step` for one (batch, head) per program with the state resident across its chunks (TPU: a grid
 axis of chunk blocks walked in order, the state in the revisited output blocks; GPU: one block of all chunks).
