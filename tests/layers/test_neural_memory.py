@@ -243,7 +243,7 @@ def _doc_resets(length, starts, batch=BATCH):
     return jnp.asarray(resets)
 
 
-@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("depth", [pytest.param(1, marks=pytest.mark.slow), 2])  # depth 1: `slow` (CI's budget)
 def test_document_resets_chunked_equal_the_per_token_rule_for_every_chunk_size(x64, depth):
     """Packed documents starting at 4 (mid-chunk for chunk 7 and 13), 5 and 11: the chunked form equals the per-token
     oracle (restart memory M_0, momentum 0, gradient reference M_0 until the next chunk) in outputs, final memory
