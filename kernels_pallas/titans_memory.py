@@ -185,7 +185,7 @@ def memory_chunks(
         if padded != chunks:
             q, k, v, gamma, cols, reset_cols = _pad_chunks((q, k, v, gamma, cols, reset_cols), padded - chunks)
             y, final, starts = _kernel_scan(
-                _Call(len(weights), padded, mode == "interpret", resets, float(max_grad_norm)),
+                _Call(len(weights), padded, mode == "interpret", resets=resets, max_grad_norm=float(max_grad_norm)),
                 list(weights),
                 list(momentum),
                 q,
@@ -202,7 +202,7 @@ def memory_chunks(
         block = chunks_per_block or min(chunks, 8)
         while chunks % block:
             block -= 1
-    call = _Call(len(weights), block, mode == "interpret", resets, float(max_grad_norm))
+    call = _Call(len(weights), block, mode == "interpret", resets=resets, max_grad_norm=float(max_grad_norm))
     return _kernel_scan(call, list(weights), list(momentum), q, k, v, gamma, cols, *extras)
 
 

@@ -75,9 +75,8 @@ class TitansConfig:
     # θ = max_lr * sigmoid(...). 0: 1 / chunk_size, so that a chunk of identical keys (all its gradients taken at
     # the chunk start, e.g. a run of spaces) cannot overshoot: 2θ * chunk_size <= 2. Larger values diverge on text.
     memory_max_lr: float = 0.0
-    # > 0: every token's memory gradient (all layers, Frobenius norm) is clipped to this norm before the momentum.
-    # Not in the paper (0 is its rule), but depth >= 2 needs it: unclipped, a deep memory's curvature grows with its
-    # own weights and lmm-tiny at depth 2 gives NaN on every batch from step ~70; with 1.0 it trains (docs).
+    # > 0: each token's memory gradient (all layers, Frobenius norm) is clipped to this norm before the momentum. Not
+    # in the paper (0), but depth >= 2 needs it: unclipped, lmm-tiny at depth 2 gives NaN from step ~70 (docs).
     memory_max_grad_norm: float = 0.0
     # The memory's chunk scan: xla (lax.scan) | pallas (the fused kernel of kernels_pallas/titans_memory.py: Mosaic on
     # TPU, Triton on GPU, interpret mode on CPU) | auto (the kernel on TPU/GPU, xla on CPU) | interpret.
