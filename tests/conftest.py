@@ -2,7 +2,11 @@
 
 import os
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# Tests compile far more than they compute (tiny shapes): LLVM's -O0 for the CPU backend cuts their compile time by
+# half or more and leaves results IEEE-identical (XLA's own HLO passes still run; fast math stays off). A value in the
+# caller's XLA_FLAGS comes later and wins. Subprocesses (main.py, notebooks, multihost) inherit it.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"{FAST_COMPILE} {os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 # libtpu (the `tpu` extra) compiles for TPU topologies here; let several test processes load it at once.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

@@ -7,7 +7,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from tests.conftest import ROOT
+from tests.conftest import FAST_COMPILE, ROOT
 
 
 def _run(name: str, parameters: str, tmp_path):
@@ -18,7 +18,7 @@ def _run(name: str, parameters: str, tmp_path):
     tagged[0].source = parameters
     # The kernel sees one CPU device, like a user's; it inherits the rest of the test environment.
     saved = os.environ.get("XLA_FLAGS")
-    os.environ["XLA_FLAGS"] = ""
+    os.environ["XLA_FLAGS"] = FAST_COMPILE
     try:
         NotebookClient(
             nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}

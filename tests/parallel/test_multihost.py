@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from tests.conftest import ROOT
+from tests.conftest import FAST_COMPILE, ROOT
 from tests.train.test_resilience import SMALL, corpus, train_losses  # noqa: F401 (fixture)
 
 
@@ -27,7 +27,7 @@ def _run_processes(args, workdir, num_processes, devices_per_process, tag, timeo
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+        "XLA_FLAGS": f"{FAST_COMPILE} --xla_force_host_platform_device_count={devices_per_process}",
     }
     extra = []
     if num_processes > 1:
