@@ -170,7 +170,7 @@ def test_bfloat16_parameters_keep_the_memory_in_float32():
 
 # mag/mal compile two more sharded steps (about 1 min each on the 2-core CI machine): `slow`, run with -m slow.
 @pytest.mark.parametrize("variant", ["lmm", *(pytest.param(v, marks=pytest.mark.slow) for v in ("mac", "mag", "mal"))])
-def test_train_step_on_data_2_tensor_2_equals_one_device(variant):
+def test_loss_and_gradients_on_data_2_tensor_2_equal_one_device(variant):
     # Loss and gradients, not parameters after an Adam step: Adam's first step is about lr per element wherever the
     # gradient is tiny, which turns reduction-order noise into differences of lr * 1e-3 (mal, lmm and mag each had
     # one element 1.0e-5 to 5.8e-5 off at lr 1e-3 to 1e-2).
