@@ -6,6 +6,7 @@
 Each row times the jitted forward (retrieved outputs and final state) and forward + backward (gradients of
 Σ y·probe w.r.t. q, k, v, the gates and M_0) of both forms on the same inputs, f32, [batch, heads, T, head_dim],
 median of `--repeats` runs after a compile. The ratio chunked / per-token is the figure the Titans issue asks for.
+A form that runs out of memory shows OOM (null in the JSON) and the row goes on.
 On a GPU or TPU (`--kernel=auto`), each row also times the fused Pallas kernel (`memory_scan(impl="pallas")`,
 kernels_pallas/titans_memory.py) and reports kernel / XLA-chunked speed ratios; on CPU `--kernel=on` would time
 interpret mode, which says nothing about speed.
@@ -59,13 +60,33 @@ def _inputs(length, depth):
 
 
 def _time(fn, *args):
-    jax.block_until_ready(fn(*args))  # compile
+    """Median seconds per call after a compile; None when the call runs out of memory (the per-token scan's backward
+    keeps every step's memory state: T x batch x heads x the memory's size x 4 bytes, 50 GB for a depth-2 memory at
+    batch 4, 8 heads, head dim 64 and T = 4k)."""
+    try:
+        jax.block_until_ready(fn(*args))  # compile
+    except jax.errors.JaxRuntimeError as error:
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        return None
     times = []
     for _ in range(_REPEATS.value):
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def _ratio(slow, fast):
+    return None if slow is None or fast is None else slow / fast
+
+
+def _rate(tokens, seconds):
+    return f"{'OOM':>10}" if seconds is None else f"{tokens / seconds:>10.0f}"
+
+
+def _show(ratio):
+    return f"{'-':>6}" if ratio is None else f"{ratio:>6.1f}"
 
 
 def _functions(scan, chunk_size, **kwargs):
@@ -99,13 +120,13 @@ def main(argv):
                 row["fwd_s"], row["fwd_ref_s"] = _time(fwd, init, sequence), _time(fwd_ref, init, sequence)
                 row["fwdbwd_s"] = _time(grad, init, sequence, probe)
                 row["fwdbwd_ref_s"] = _time(grad_ref, init, sequence, probe)
-                row["fwd_ratio"] = row["fwd_ref_s"] / row["fwd_s"]
-                row["fwdbwd_ratio"] = row["fwdbwd_ref_s"] / row["fwdbwd_s"]
+                row["fwd_ratio"] = _ratio(row["fwd_ref_s"], row["fwd_s"])
+                row["fwdbwd_ratio"] = _ratio(row["fwdbwd_ref_s"], row["fwdbwd_s"])
                 line = (
-                    f"{length:>6} {chunk_size:>5} {depth:>5} | {tokens / row['fwd_s']:>10.0f} "
-                    f"{tokens / row['fwd_ref_s']:>10.0f} {row['fwd_ratio']:>6.1f} | "
-                    f"{tokens / row['fwdbwd_s']:>10.0f} {tokens / row['fwdbwd_ref_s']:>10.0f} "
-                    f"{row['fwdbwd_ratio']:>6.1f}"
+                    f"{length:>6} {chunk_size:>5} {depth:>5} | {_rate(tokens, row['fwd_s'])} "
+                    f"{_rate(tokens, row['fwd_ref_s'])} {_show(row['fwd_ratio'])} | "
+                    f"{_rate(tokens, row['fwdbwd_s'])} {_rate(tokens, row['fwdbwd_ref_s'])} "
+                    f"{_show(row['fwdbwd_ratio'])}"
                 )
                 if kernel:
                     fwd_k, grad_k = _functions(memory_scan, chunk_size, impl="pallas")
@@ -113,11 +134,11 @@ def main(argv):
                     row["kernel_max_abs_err"] = float(jnp.max(jnp.abs(out_k[0] - out_x[0])))
                     row["kernel_fwd_s"] = _time(fwd_k, init, sequence)
                     row["kernel_fwdbwd_s"] = _time(grad_k, init, sequence, probe)
-                    row["kernel_fwd_ratio"] = row["fwd_s"] / row["kernel_fwd_s"]
-                    row["kernel_fwdbwd_ratio"] = row["fwdbwd_s"] / row["kernel_fwdbwd_s"]
+                    row["kernel_fwd_ratio"] = _ratio(row["fwd_s"], row["kernel_fwd_s"])
+                    row["kernel_fwdbwd_ratio"] = _ratio(row["fwdbwd_s"], row["kernel_fwdbwd_s"])
                     line += (
-                        f" | {tokens / row['kernel_fwd_s']:>10.0f} {row['kernel_fwd_ratio']:>6.2f} "
-                        f"{tokens / row['kernel_fwdbwd_s']:>10.0f} {row['kernel_fwdbwd_ratio']:>6.2f}"
+                        f" | {_rate(tokens, row['kernel_fwd_s'])} {_show(row['kernel_fwd_ratio'])} "
+                        f"{_rate(tokens, row['kernel_fwdbwd_s'])} {_show(row['kernel_fwdbwd_ratio'])}"
                     )
                 rows.append(row)
                 print(line, flush=True)
