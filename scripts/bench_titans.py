@@ -61,8 +61,8 @@ def _inputs(length, depth):
 
 def _time(fn, *args):
     """Median seconds per call after a compile; None when the call runs out of memory (the per-token scan's backward
-    keeps every step's memory state: T x batch x heads x the memory's size x 4 bytes, 50 GB for a depth-2 memory at
-    batch 4, 8 heads, head dim 64 and T = 4k)."""
+    keeps several memory-sized arrays per token: 50 GB for a depth-2 memory at batch 4, 8 heads, head dim 64, T = 4k).
+    """
     try:
         jax.block_until_ready(fn(*args))  # compile
     except jax.errors.JaxRuntimeError as error:
