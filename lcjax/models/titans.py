@@ -21,7 +21,9 @@ The mixing sublayer, by `model.variant`:
        segment, so mac has no sequence-level prefix.
 SWA is causal sliding-window attention (RoPE on the slot index, grouped-query heads) in which a token sees the
 `model.window` latest slots of its own document and the persistent prefix at any distance (Fig. 3b). It and mac's
-segment attention are the jnp (xla) core with an explicit mask, whatever `attention.impl` says.
+segment attention are the jnp (xla) core with an explicit mask, whatever `attention.impl` says; over more than
+2 `window` + N_p slots SWA runs in blocks of `window` queries (`window_attention`), so its memory and work grow as
+T · window, not T².
 
 The recurrent form (`init_cache`/`decode`) carries each layer's memory state (and for mag/mal its key/value
 cache, sized N_p + max_len; for mac the segment's keys/values and the memory at the segment start); `init_cache`
@@ -200,6 +202,54 @@ def window_mask(q_slots, k_slots, q_segments, k_segments, *, window: int, prefix
     return causal & (near | (k_slots[:, None, :] < prefix))
 
 
+def window_attention(q, k, v, segment_ids, *, window: int, prefix: int, scale: float) -> jax.Array:
+    """Sliding-window attention in blocks, equal to `dot_product_attention` with `window_mask` over slots 0..T−1:
+    q [B, T, H, D], k/v [B, T, K, D], segment_ids [B, T] or None -> [B, T, H, D].
+
+    The queries of block i (slots [i w, (i+1) w), w = `window`) see only the keys of blocks i−1 and i, where all of
+    their window lies, and the persistent slots before block i−1 (those inside it are among its keys already, so no
+    key is counted twice). Memory and work are O(T (2 w + prefix)) instead of the dense mask's O(T²)."""
+    batch, length, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    count = -(-length // window)
+    pad = count * window - length
+    slots = jnp.arange(count * window)
+    beyond = jnp.int32(2**30)  # the slot of a padding key: after every query, so causality hides it
+
+    def blocks(a, front):  # [B, T, ...] -> [B, count + front, w, ...], `front` padding blocks first
+        a = jnp.pad(a, ((0, 0), (front * window, pad)) + ((0, 0),) * (a.ndim - 2))
+        return a.reshape(batch, count + front, window, *a.shape[2:])
+
+    def local(a):  # [B, T, ...] -> the keys of blocks i−1 and i, [B * count, 2 w, ...]
+        a = blocks(a, 1)
+        a = jnp.concatenate([a[:, :-1], a[:, 1:]], axis=2)
+        return a.reshape(batch * count, 2 * window, *a.shape[3:])
+
+    k_slots = jnp.concatenate([jnp.full((window,), beyond), jnp.where(slots < length, slots, beyond)])
+    k_slots = jnp.concatenate([k_slots[:-window].reshape(count, window), k_slots[window:].reshape(count, window)], 1)
+    q_slots = jnp.broadcast_to(slots.reshape(count, window), (batch, count, window)).reshape(batch * count, window)
+    k_slots = jnp.broadcast_to(k_slots, (batch, count, 2 * window)).reshape(batch * count, 2 * window)
+    if segment_ids is None:
+        q_segments = k_segments = None
+    else:
+        q_segments = blocks(segment_ids, 0).reshape(batch * count, window)
+        k_segments = local(segment_ids)
+    mask = window_mask(q_slots, k_slots, q_segments, k_segments, window=window, prefix=prefix)
+    keys, values = local(k), local(v)
+    if prefix:  # persistent slots p < (i−1) w, outside block i's local keys
+        far = jnp.arange(prefix)[None, :] < (jnp.arange(count)[:, None] - 1) * window  # [count, prefix]
+        far = jnp.broadcast_to(far[None, :, None, :], (batch, count, window, prefix))
+        mask = jnp.concatenate([far.reshape(batch * count, window, prefix), mask], axis=-1)
+        keys, values = (
+            jnp.concatenate([jnp.repeat(a[:, None, :prefix], count, axis=1).reshape(-1, prefix, kv_heads, dim), b], 1)
+            for a, b in ((k, keys), (v, values))
+        )
+    out = dot_product_attention(
+        blocks(q, 0).reshape(batch * count, window, heads, dim), keys, values, mask, scale=scale
+    )
+    return out.reshape(batch, count * window, heads, dim)[:, :length]
+
+
 def segment_mask(q_index, *, size: int, prefix: int, q_segments=None, k_segments=None) -> jax.Array:
     """MAC's attention mask, [B, n, prefix + 2 size] bool, over the context P ‖ h ‖ S of one segment.
 
@@ -236,9 +286,15 @@ class WindowAttention(SelfAttention):
         self.prefix = cfg.num_persistent
 
     def __call__(self, x, positions, segment_ids):
+        """Parallel form; `positions` are the slot indices 0..T−1 (the model's parallel form passes them)."""
         q, k, v = self._project(x, positions)
+        scale = self.head_dim**-0.5
+        if x.shape[1] > 2 * self.window + self.prefix:  # long: O(T · window), not O(T²), memory and work
+            return self._output(
+                window_attention(q, k, v, segment_ids, window=self.window, prefix=self.prefix, scale=scale)
+            )
         mask = window_mask(positions, positions, segment_ids, segment_ids, window=self.window, prefix=self.prefix)
-        return self._output(dot_product_attention(q, k, v, mask, scale=self.head_dim**-0.5))
+        return self._output(dot_product_attention(q, k, v, mask, scale=scale))
 
     def _cache_mask(self, q_slots, k_slots):  # `SelfAttention.step` writes the cache and attends with this mask
         return window_mask(q_slots, k_slots, None, None, window=self.window, prefix=self.prefix)
