@@ -204,8 +204,10 @@ def test_loss_and_gradients_on_data_2_tensor_2_equal_one_device(variant):
     # Loss and gradients, not parameters after an Adam step: Adam's first step is about lr per element wherever the
     # gradient is tiny, which turns reduction-order noise into differences of lr * 1e-3 (mal, lmm and mag each had
     # one element 1.0e-5 to 5.8e-5 off at lr 1e-3 to 1e-2).
+    # window 4: mag/mal's 14 slots exceed 2 * window + N_p, so the blocked sliding-window path (the one long
+    # sequences take) runs sharded, packed documents included.
     grads = assert_sharded_gradients_equal_one_device(
-        _config({"variant": variant}, train={"batch_size": 4, "seq_len": 12}), packed_batch()
+        _config({"variant": variant, "window": 4}, train={"batch_size": 4, "seq_len": 12}), packed_batch()
     )
     assert grads["layers"]["blocks"]["mixer"]["w_qkv"].sharding.spec[3] == "tensor"  # memory heads split
 
