@@ -99,9 +99,15 @@ class TaskConfig:
     num_entries: int = 8  # phonebook: entries in the book
     num_queries: int = 1  # phonebook: numbers asked for
     num_tokens: int = 16  # selective copying: tokens to copy
+    # Training only: weight of the next-token loss at every other content position (the haystack, the needle, the
+    # question; MQAR's keys and values...), the answer's targets keeping weight 1. 0: the answer alone. Evaluation
+    # always scores the answer alone.
+    context_loss: float = 0.0
 
     def validate(self) -> None:
         _positive("task.num_train_examples", self.num_train_examples)
+        if not 0.0 <= self.context_loss <= 1.0:
+            raise ConfigError("task.context_loss", f"={self.context_loss} must be in [0, 1] (0: the answer alone)")
 
 
 @dataclasses.dataclass(frozen=True)

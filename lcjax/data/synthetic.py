@@ -385,3 +385,20 @@ def make_task(name: str, task_config, *, tokenizer: Tokenizer, vocab_size: int, 
     else:
         raise ConfigError("eval.tasks", f"unknown task {name!r}; expected one of {TASKS}")
     return JRTPrompt(task) if jrt_prompt else task
+
+
+class ContextLoss:
+    """Any task with weight `weight` on the targets of its unlabelled content positions (segment_ids > 0), its
+    labels keeping theirs: trains the next-token loss on the context beside the answer (`task.context_loss`)."""
+
+    def __init__(self, task, weight: float):
+        self.task, self.weight, self.seq_len = task, float(weight), task.seq_len
+
+    def __len__(self) -> int:
+        return len(self.task)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        ex = dict(self.task[index])
+        mask, content = ex["loss_mask"], ex["segment_ids"] > 0
+        ex["loss_mask"] = np.where(mask > 0, mask, np.where(content, self.weight, 0.0)).astype(np.float32)
+        return ex

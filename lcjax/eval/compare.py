@@ -115,20 +115,50 @@ def stage_config(base: config_dict.ConfigDict, task: str, stage: Stage, override
     return config.validate(jax.device_count())
 
 
-def train_model(spec: str, base, task: str, stages: Sequence[Stage], overrides: dict, workdir: str) -> str:
-    """Trains `spec` through every stage; returns the last stage's workdir. Finished stages are skipped (their
-    checkpoint is there), so an interrupted comparison resumes where it stopped."""
-    previous = ""
+STAGE_SECONDS = "training_seconds.json"  # in each stage's workdir: the wall seconds of every invocation on it, summed
+
+
+def stage_seconds(stage_dir: str) -> float:
+    """The wall seconds spent training in `stage_dir` so far, over every invocation (0 if none recorded)."""
+    try:
+        with open(os.path.join(stage_dir, STAGE_SECONDS)) as f:
+            return float(json.load(f)["seconds"])
+    except FileNotFoundError:
+        return 0.0
+
+
+def _add_stage_seconds(stage_dir: str, seconds: float) -> None:
+    os.makedirs(stage_dir, exist_ok=True)
+    total = stage_seconds(stage_dir) + seconds
+    tmp = os.path.join(stage_dir, STAGE_SECONDS + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"seconds": total}, f)
+    os.replace(tmp, os.path.join(stage_dir, STAGE_SECONDS))
+
+
+def train_model(
+    spec: str, base, task: str, stages: Sequence[Stage], overrides: dict, workdir: str
+) -> tuple[str, float]:
+    """Trains `spec` through every stage; returns the last stage's workdir and the training seconds of all stages.
+    Finished stages are skipped (their checkpoint is there), so an interrupted comparison resumes where it stopped;
+    each stage keeps the seconds of every invocation that trained it (an interrupted or crashed one included, a
+    killed one not), so the total counts the earlier sittings too."""
+    previous, seconds = "", 0.0
     for i, stage in enumerate(stages):
         config = stage_config(base, task, stage, overrides)
         stage_dir = os.path.join(workdir, spec.replace(":", "_"), f"stage{i}")
         what = f"{task} seq_len={stage.seq_len} {SWEEP_PARAMETER[task]}={stage.value:g}"
         print(f"[{spec}] stage {i + 1}/{len(stages)}: {what} for {stage.steps} steps -> {stage_dir}", flush=True)
-        result = loop.train(config, stage_dir, init_from=previous)
+        started = time.perf_counter()
+        try:
+            result = loop.train(config, stage_dir, init_from=previous)
+        finally:
+            _add_stage_seconds(stage_dir, time.perf_counter() - started)
         if "stopped_at_step" in result:  # preempted (SIGTERM/SIGINT): the stage resumes on the next run
             raise KeyboardInterrupt(f"stopped during {stage_dir} at step {int(result['stopped_at_step'])}")
         previous = stage_dir
-    return previous
+        seconds += stage_seconds(stage_dir)
+    return previous, seconds
 
 
 def score_grid(config, workdir: str, task: str, seq_lens: Sequence[int], values: Sequence[float]) -> list[dict]:
@@ -392,10 +422,8 @@ def compare(
         if not train:
             print(f"[{spec}] no saved scores for this recipe: left out of the report", flush=True)
             continue
-        started = time.perf_counter()
         devices[spec] = _devices()
-        last_dir = train_model(spec, base, task, stages, mine, workdir)
-        timings[spec] = time.perf_counter() - started
+        last_dir, timings[spec] = train_model(spec, base, task, stages, mine, workdir)
         config = stage_config(base, task, stages[-1], mine)
         sizes[spec] = count_parameters(config)
         results[spec] = score_grid(config, last_dir, task, seq_lens, values)

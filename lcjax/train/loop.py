@@ -83,7 +83,7 @@ def task_examples(run: Run, name: str, split: str, *, jrt_prompt: bool = False):
     """The random-access examples of synthetic task `name` for `split` ("train" or "eval")."""
     cfg = run.config
     train = split == "train"
-    return synthetic.make_task(
+    task = synthetic.make_task(
         name,
         cfg.task,
         tokenizer=run.tokenizer,
@@ -93,6 +93,9 @@ def task_examples(run: Run, name: str, split: str, *, jrt_prompt: bool = False):
         seed=cfg.train.seed if train else cfg.train.seed + EVAL_SEED_OFFSET,
         jrt_prompt=jrt_prompt,
     )
+    if train and cfg.task.context_loss > 0:
+        return synthetic.ContextLoss(task, cfg.task.context_loss)
+    return task
 
 
 def _is_task(run: Run) -> bool:

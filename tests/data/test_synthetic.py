@@ -175,3 +175,51 @@ def test_selective_copy_targets_are_the_scattered_tokens_in_order():
     assert not np.array_equal(task[0]["inputs"], task[1]["inputs"])
     with pytest.raises(ConfigError, match="task.num_tokens"):
         SelectiveCopy(vocab_size=16, seq_len=10, num_tokens=8, num_examples=1)
+
+
+@pytest.mark.parametrize("jrt_prompt", [False, True])
+@pytest.mark.parametrize("name", TASKS)
+def test_context_loss_weights_the_unlabelled_content_and_keeps_the_labels(name, jrt_prompt):
+    from lcjax.config import TaskConfig
+    from lcjax.data.synthetic import ContextLoss
+
+    cfg = TaskConfig(num_kv_pairs=8, num_entries=6, num_queries=2)
+    kwargs = dict(
+        tokenizer=ByteTokenizer(), vocab_size=1024, seq_len=512, num_examples=3, seed=5, jrt_prompt=jrt_prompt
+    )
+    plain = make_task(name, cfg, **kwargs)
+    weighted = ContextLoss(make_task(name, cfg, **kwargs), 0.25)
+    assert len(weighted) == len(plain) and weighted.seq_len == plain.seq_len
+    for i in range(3):
+        a, b = plain[i], weighted[i]
+        labels, content = a["loss_mask"] > 0, a["segment_ids"] > 0
+        np.testing.assert_array_equal(b["loss_mask"][labels], a["loss_mask"][labels])
+        np.testing.assert_array_equal(b["loss_mask"][content & ~labels], 0.25)
+        np.testing.assert_array_equal(b["loss_mask"][~content], 0.0)  # left padding (JRT-Prompt) stays out
+        assert (~content).any() or not jrt_prompt  # JRT-Prompt pads on the left
+        for key in a:
+            if key != "loss_mask":
+                np.testing.assert_array_equal(b[key], a[key])
+
+
+def test_context_loss_applies_to_training_only_and_is_checked():
+    import types
+
+    from lcjax.config import TaskConfig
+    from lcjax.data.synthetic import ContextLoss
+    from lcjax.train import loop
+
+    with pytest.raises(ConfigError) as e:
+        TaskConfig(context_loss=1.5).validate()
+    assert e.value.field == "task.context_loss"
+    config = types.SimpleNamespace(
+        task=TaskConfig(context_loss=0.1, num_train_examples=10),
+        model=types.SimpleNamespace(vocab_size=256),
+        train=types.SimpleNamespace(seq_len=128, seed=0),
+        eval=types.SimpleNamespace(num_batches=1, batch_size=2),
+    )
+    run = types.SimpleNamespace(config=config, tokenizer=ByteTokenizer())
+    train, held_out = loop.task_examples(run, "passkey", "train"), loop.task_examples(run, "passkey", "eval")
+    assert isinstance(train, ContextLoss) and not isinstance(held_out, ContextLoss)
+    assert np.isclose(train[0]["loss_mask"].sum(), 0.1 * (128 - 5) + 5)  # 5 answer digits at weight 1
+    assert held_out[0]["loss_mask"].sum() == 5

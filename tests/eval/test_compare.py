@@ -60,11 +60,17 @@ def test_compare_trains_stages_scores_the_grid_and_writes_the_report(tmp_path, c
     # a rerun finds both stages done and trains no step again
     last = tmp_path / "runs" / "transformer_tiny" / "stage1"
     before = read_metrics(str(last), "train")
-    base = compare.load_preset("transformer:tiny", os.path.join(ROOT, "configs"))
-    compare.train_model("transformer:tiny", base, "mqar", stages, OVERRIDES, str(tmp_path / "runs"))
-    assert read_metrics(str(last), "train") == before
-    # the scores outlive the runs: with the training runs gone, the same recipe reuses them and trains nothing
+    seconds = [compare.stage_seconds(str(last.parent / f"stage{i}")) for i in range(2)]
+    assert all(s > 0 for s in seconds)
     record = json.loads((tmp_path / "out" / "scores" / "transformer_tiny.json").read_text())
+    assert record["training_seconds"] == sum(seconds)  # both stages' seconds, as each stage recorded them
+    base = compare.load_preset("transformer:tiny", os.path.join(ROOT, "configs"))
+    _, total = compare.train_model("transformer:tiny", base, "mqar", stages, OVERRIDES, str(tmp_path / "runs"))
+    assert read_metrics(str(last), "train") == before
+    # the rerun's (short) visits are added to what each stage recorded before: earlier sittings keep counting
+    again = [compare.stage_seconds(str(last.parent / f"stage{i}")) for i in range(2)]
+    assert all(a > s for a, s in zip(again, seconds, strict=True)) and total == sum(again)
+    # the scores outlive the runs: with the training runs gone, the same recipe reuses them and trains nothing
     assert record["rows"] == saved["results"]["transformer:tiny"] and record["recipe"]["stages"] == [
         [32, 2, 2],
         [64, 4, 1],
