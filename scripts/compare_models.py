@@ -58,6 +58,12 @@ _SET = flags.DEFINE_multi_string(
 )
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "Where the training runs go.")
 _OUT_DIR = flags.DEFINE_string("out_dir", "", "Where the table and plots go (default: --workdir).")
+_INIT_FROM = flags.DEFINE_multi_string(
+    "init_from",
+    [],
+    "family:preset=run_dir: that model's first stage starts from the run's latest parameters (e.g. a language-model "
+    "pretraining run of main.py; optimizer and step start fresh). Repeat the flag for several models.",
+)
 _REPORT_ONLY = flags.DEFINE_bool(
     "report_only",
     False,
@@ -76,6 +82,13 @@ def _parse_override(item: str):
     return key.strip(), value
 
 
+def _parse_init_from(item: str) -> tuple[str, str]:
+    spec, sep, path = item.partition("=")
+    if not sep or not path:
+        raise ConfigError("init_from", f"{item!r} is not family:preset=run_dir")
+    return spec.strip(), path.strip()
+
+
 def main(argv):
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments {argv[1:]}")
@@ -92,6 +105,7 @@ def main(argv):
             _OUT_DIR.value or _WORKDIR.value,
             os.path.join(ROOT, "configs"),
             train=not _REPORT_ONLY.value,
+            init_from=dict(_parse_init_from(item) for item in _INIT_FROM.value),
         )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -137,13 +137,15 @@ def _add_stage_seconds(stage_dir: str, seconds: float) -> None:
 
 
 def train_model(
-    spec: str, base, task: str, stages: Sequence[Stage], overrides: dict, workdir: str
+    spec: str, base, task: str, stages: Sequence[Stage], overrides: dict, workdir: str, init_from: str = ""
 ) -> tuple[str, float]:
-    """Trains `spec` through every stage; returns the last stage's workdir and the training seconds of all stages.
+    """Trains `spec` through every stage, the first one starting from the parameters of run `init_from` if given
+    (e.g. a language-model pretraining run; fresh otherwise); returns the last stage's workdir and the training
+    seconds of all stages.
     Finished stages are skipped (their checkpoint is there), so an interrupted comparison resumes where it stopped;
     each stage keeps the seconds of every invocation that trained it (an interrupted or crashed one included, a
     killed one not), so the total counts the earlier sittings too."""
-    previous, seconds = "", 0.0
+    previous, seconds = init_from, 0.0
     for i, stage in enumerate(stages):
         config = stage_config(base, task, stage, overrides)
         stage_dir = os.path.join(workdir, spec.replace(":", "_"), f"stage{i}")
@@ -304,19 +306,18 @@ def scores_path(out_dir: str, spec: str) -> str:
     return os.path.join(out_dir, "scores", spec.replace(":", "_") + ".json")
 
 
-def _recipe(task, stages, seq_lens, values, overrides) -> dict[str, Any]:
+def _recipe(task, stages, seq_lens, values, overrides, init_from: str = "") -> dict[str, Any]:
     """What a model's scores depend on: scores saved under another recipe are not reused."""
-    return json.loads(
-        json.dumps(
-            {
-                "task": task,
-                "stages": [dataclasses.astuple(s) for s in stages],
-                "seq_lens": list(seq_lens),
-                "values": list(values),
-                "overrides": dict(sorted(overrides.items())),
-            }
-        )
-    )
+    recipe = {
+        "task": task,
+        "stages": [dataclasses.astuple(s) for s in stages],
+        "seq_lens": list(seq_lens),
+        "values": list(values),
+        "overrides": dict(sorted(overrides.items())),
+    }
+    if init_from:  # only when set, so that the scores saved before this key existed still match
+        recipe["init_from"] = os.path.abspath(init_from)
+    return json.loads(json.dumps(recipe))
 
 
 def save_scores(out_dir: str, spec: str, recipe: dict, rows: list[dict], seconds: float, parameters: int) -> str:
@@ -356,7 +357,7 @@ def _devices() -> str:
     return f"{jax.device_count()} x {jax.devices()[0].device_kind}"
 
 
-def _meta(stages, overrides, sizes, timings, models, devices) -> dict[str, Any]:
+def _meta(stages, overrides, sizes, timings, models, devices, init_from=None) -> dict[str, Any]:
     meta = {
         "stages (seq_len:value:steps)": ", ".join(f"{s.seq_len}:{s.value:g}:{s.steps}" for s in stages),
         "overrides": ", ".join(f"{k}={v}" for k, v in overrides.items()) or "none",
@@ -369,6 +370,8 @@ def _meta(stages, overrides, sizes, timings, models, devices) -> dict[str, Any]:
             else ", ".join(f"{k} {v}" for k, v in devices.items())
         ),
     }
+    if init_from:
+        meta["first stage starts from"] = ", ".join(f"{k} {v}" for k, v in init_from.items())
     missing = [m for m in models if m not in sizes]
     if missing:
         meta["not scored yet"] = ", ".join(missing)
@@ -401,18 +404,26 @@ def compare(
     out_dir: str,
     configs_dir: str,
     train: bool = True,
+    init_from: dict[str, str] | None = None,
 ) -> dict:
     """Trains and scores every model; writes the report; returns {model: grid rows}. With `train=False` only the
-    models with saved scores for this recipe are reported (the rest are listed as not scored yet)."""
+    models with saved scores for this recipe are reported (the rest are listed as not scored yet). `init_from`
+    {model: run directory}: that model's first stage starts from the run's latest parameters."""
     if task not in SWEEP_PARAMETER:
         raise ConfigError("task", f"unknown task {task!r}; expected one of {sorted(SWEEP_PARAMETER)}")
     check_overrides(models, overrides, configs_dir)
+    init_from = dict(init_from or {})
+    for spec, path in init_from.items():
+        if spec not in models:
+            raise ConfigError("init_from", f"names {spec!r}, which is not one of --models {list(models)}")
+        if not os.path.isdir(path):
+            raise ConfigError("init_from", f"{spec}={path}: no such run directory")
     results, timings, sizes, devices = {}, {}, {}, {}
     for n, spec in enumerate(models, 1):
         print(f"== model {n}/{len(models)}: {spec}", flush=True)
         base = load_preset(spec, configs_dir)
         mine = overrides_for(spec, overrides)
-        recipe = _recipe(task, stages, seq_lens, values, mine)
+        recipe = _recipe(task, stages, seq_lens, values, mine, init_from.get(spec, ""))
         saved = load_scores(out_dir, spec, recipe)
         if saved is not None:
             print(f"[{spec}] scored before with this recipe: {scores_path(out_dir, spec)}", flush=True)
@@ -423,7 +434,7 @@ def compare(
             print(f"[{spec}] no saved scores for this recipe: left out of the report", flush=True)
             continue
         devices[spec] = _devices()
-        last_dir, timings[spec] = train_model(spec, base, task, stages, mine, workdir)
+        last_dir, timings[spec] = train_model(spec, base, task, stages, mine, workdir, init_from.get(spec, ""))
         config = stage_config(base, task, stages[-1], mine)
         sizes[spec] = count_parameters(config)
         results[spec] = score_grid(config, last_dir, task, seq_lens, values)
@@ -434,11 +445,11 @@ def compare(
             )
         save_scores(out_dir, spec, recipe, results[spec], timings[spec], sizes[spec])
         if n < len(models):  # a partial report after every model: a long comparison shows its progress
-            write_report(results, task, out_dir, _meta(stages, overrides, sizes, timings, models, devices))
+            write_report(results, task, out_dir, _meta(stages, overrides, sizes, timings, models, devices, init_from))
     if not results:
         print("no model has scores for this recipe yet: no report written", flush=True)
         return results
-    meta = _meta(stages, overrides, sizes, timings, models, devices)
+    meta = _meta(stages, overrides, sizes, timings, models, devices, init_from)
     paths = write_report(results, task, out_dir, meta)
     print("wrote " + ", ".join(paths), flush=True)
     return results

@@ -3,6 +3,9 @@
 import json
 import os
 
+import pytest
+
+from lcjax.errors import ConfigError
 from lcjax.eval import compare
 from lcjax.train.metrics import read_metrics
 from tests.conftest import ROOT
@@ -94,6 +97,26 @@ def test_compare_trains_stages_scores_the_grid_and_writes_the_report(tmp_path, c
     assert "- not scored yet: mamba2:tiny" in report and "- devices: 1 x NVIDIA H200" in report
     # another recipe (here one more grid point) is not served from them
     assert compare.load_scores(str(tmp_path / "out"), "transformer:tiny", {**record["recipe"], "values": [2]}) is None
+    # --init_from: the first stage starts from another run's parameters (here the trained stage 1), so its first
+    # step's loss differs from the fresh first stage's on the same batch; the recipe and the report say so
+    fresh_first = read_metrics(str(tmp_path / "runs" / "transformer_tiny" / "stage0"), "train")[1]
+    warm = compare.compare(
+        ["transformer:tiny"], "mqar", stages[:1], [32], [2], OVERRIDES, str(tmp_path / "warm"), str(tmp_path / "warm"),
+        os.path.join(ROOT, "configs"), init_from={"transformer:tiny": str(last)},
+    )  # fmt: skip
+    warm_first = read_metrics(str(tmp_path / "warm" / "transformer_tiny" / "stage0"), "train")[1]
+    assert warm_first["step"] == fresh_first["step"] == 1 and warm_first["loss"] != fresh_first["loss"]
+    assert warm["transformer:tiny"][0]["step"] == 2
+    warm_record = json.loads((tmp_path / "warm" / "scores" / "transformer_tiny.json").read_text())
+    assert warm_record["recipe"]["init_from"] == str(last)
+    assert f"- first stage starts from: transformer:tiny {last}" in (tmp_path / "warm" / "comparison.md").read_text()
+    for bad, message in [
+        ({"mamba2:tiny": str(last)}, "not one of --models"),
+        ({"transformer:tiny": "/nope"}, "no such"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            compare.compare(["transformer:tiny"], "mqar", stages, [32], [2], OVERRIDES, str(tmp_path / "x"),
+                            str(tmp_path / "x"), os.path.join(ROOT, "configs"), init_from=bad)  # fmt: skip
 
 
 def test_family_overrides_apply_only_to_their_models():
