@@ -12,13 +12,19 @@ The mixing sublayer, by `model.variant`:
   mac  memory as context (Fig. 3a, Eq. 21–25), over segments S of `model.segment` tokens, with h = RMSNorm(x):
        r = RMSNorm_r(M*_(s−1)(q(h)))   read the memory as the previous segment left it, one read per token;
        y = Attn(P ‖ r ‖ h)              causal attention inside the segment only, N_p learned tokens P per layer;
-       m = LMM(y)                       store the attention output (keys/values from y) and read it back per token;
+       m = LMM(y)                       store the attention output (keys/values from y) and read it back per token
+                                        (`model.mac_store="residual"`: LMM(h + y), see below);
        x <- x + (RMSNorm_y(y) ⊙ σ(RMSNorm_m(m))) W_g,  the gate o = y ⊗ M*(y) as for mag.
        The read r_j uses token j's query, so it sits at token j's time: token i attends to r_j and h_j for j <= i
        (the paper's causal mask over P ‖ r ‖ S would otherwise let token i see x_j, j > i, through r_j). Likewise
        M*(y_i) is the per-token read after storing y_(<=i), not the memory after the whole segment. The reads are
        the literal Eq. 21 (one per token: option A of reference §1.4), and persistent tokens are per layer and per
        segment, so mac has no sequence-level prefix.
+       The paper does not say whether y_t in M_t = M_(t−1)(y_t) includes the block's input. Literally (the default)
+       the memory sees only what attention passes on: at initialization a blur of the segment, so it stores little
+       until attention has learned to carry tokens through, and on passkey mac-tiny stays at chance for thousands
+       of steps (docs/benchmarks.md). `mac_store="residual"` stores h + y instead (attention's output projection
+       starts small, so the memory starts out as LMM's over the tokens).
 SWA is causal sliding-window attention (RoPE on the slot index, grouped-query heads) in which a token sees the
 `model.window` latest slots of its own document and the persistent prefix at any distance (Fig. 3b). It and mac's
 segment attention are the jnp (xla) core with an explicit mask, whatever `attention.impl` says; over more than
@@ -57,6 +63,7 @@ from lcjax.parallel.sharding import constrain
 
 VARIANTS = ("lmm", "mac", "mag", "mal")
 ATTENTION_VARIANTS = ("mac", "mag", "mal")
+MAC_STORES = ("attention", "residual")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +98,10 @@ class TitansConfig:
     # attention context (mac).
     num_persistent: int = 4
     segment: int = 32  # mac: tokens per segment (attention context = persistent ‖ retrieved ‖ segment)
+    # mac: what the memory stores (and its gate read uses as queries): "attention", the attention output y (the
+    # paper's Eq. 24 read literally), or "residual", h + y, the attention block's output with its (normalized)
+    # input, so the memory sees the tokens themselves from the first step (see the module docstring).
+    mac_store: str = "attention"
     # mag/mal sliding-window attention: the `window` latest slots of the document, plus the persistent prefix
     window: int = 64
     num_heads: int = 4
@@ -160,6 +171,8 @@ class TitansConfig:
             raise ConfigError("mesh.sequence", "Titans' memory is sequential over the sequence; use mesh.sequence=1")
         if self.memory_impl not in MEMORY_IMPLS:
             raise ConfigError("model.memory_impl", f"={self.memory_impl!r}; expected one of {list(MEMORY_IMPLS)}")
+        if self.mac_store not in MAC_STORES:
+            raise ConfigError("model.mac_store", f"={self.mac_store!r}; expected one of {list(MAC_STORES)}")
         if self.memory_gates not in MEMORY_GATES:
             raise ConfigError("model.memory_gates", f"={self.memory_gates!r}; expected one of {list(MEMORY_GATES)}")
         if self.remat not in REMAT_POLICIES:
@@ -259,6 +272,7 @@ class Block(nnx.Module):
             self.gate_out = param(rngs, (cfg.d_model, cfg.d_model), ("mlp", "embed"), normal(out_std))
         if cfg.variant == "mac":
             self.segment, self.num_persistent = cfg.segment, cfg.num_persistent
+            self.store_residual = cfg.mac_store == "residual"
             self.read_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
             self.persistent = param(
                 rngs, (cfg.num_persistent, cfg.d_model), (None, "embed"), normal(cfg.embed_init_std)
@@ -351,8 +365,9 @@ class Block(nnx.Module):
             mask = segment_mask(q_index, size=size, prefix=prefix, q_segments=seg_s, k_segments=seg_s)
             y = self.attn._output(dot_product_attention(q, k, v, mask, scale=self.attn.head_dim**-0.5))
             offset = 0 if size % mixer.chunk_size == 0 else index * size % mixer.chunk_size
+            stored = h_s + y if self.store_residual else y
             m, (store_history, state, chunk_gates) = mixer._run(
-                y, store_history, state, offset, seg_s, history_segments, chunk_gates
+                stored, store_history, state, offset, seg_s, history_segments, chunk_gates
             )
             if seg_s is not None:
                 history_segments = jnp.concatenate([history_segments, seg_s], axis=1)[:, size:]
@@ -394,7 +409,7 @@ class Block(nnx.Module):
             keys, values = (jnp.concatenate([a[:, :prefix], kv[n].astype(a.dtype)], 1) for n, a in (("k", k), ("v", v)))
             mask = segment_mask(jnp.full((batch, 1), j), size=size, prefix=prefix)
             y = self.attn._output(dot_product_attention(q, keys, values, mask, scale=self.attn.head_dim**-0.5))
-            m, memory = mixer.step(y, cache["memory"])
+            m, memory = mixer.step(h_t + y if self.store_residual else y, cache["memory"])
             read = {"conv": conv.astype(read["conv"].dtype), "weights": weights}
             return ({"memory": memory, "read": read, "attn": kv}, index + 1), (y[:, 0], m[:, 0])
 

@@ -48,6 +48,7 @@ def _tokens(shape, seed=1):
         ({"variant": "mal", "window": 4}, [3, 8]),
         ({"variant": "mac", "segment": 4}, [1] * 11),  # segments of whole memory chunks
         ({"variant": "mac", "segment": 3, "memory_depth": 2, "memory_gates": "chunk"}, [5, 6]),  # chunks straddle
+        ({"variant": "mac", "segment": 3, "mac_store": "residual"}, [1] * 11),
         ({"memory_gates": "chunk"}, [3, 3, 5]),  # pieces straddle chunks: the open chunk's gates are cached
     ],
 )
@@ -141,6 +142,22 @@ def test_segment_mask_sees_the_prefix_and_the_reads_and_tokens_up_to_now():
             j = (key - prefix) % size  # the token a read (prefix..prefix+size) or a token slot belongs to
             want = key < prefix or (j <= i and segments[0, i] == segments[0, j])
             assert mask[0, i, key] == want, (i, key)
+
+
+@pytest.mark.parametrize("segment", [4, 3])  # whole chunks of 4; chunks straddling segments
+def test_mac_residual_store_is_the_memory_over_the_tokens_when_attention_is_silent(segment):
+    """mac_store="residual" stores h + y: with attention's output projection zeroed (y = 0) the memory branch of a
+    mac block over all segments is exactly the LMM mixer over h in one pass; the literal store (y alone) is not."""
+    cfg = _config({"variant": "mac", "segment": segment, "mac_store": "residual"}).model
+    block = titans.Block(cfg, rngs=nnx.Rngs(3))
+    block.attn.wo[...] = jnp.zeros_like(block.attn.wo[...])
+    h = jax.random.normal(jax.random.key(4), (2, 11, cfg.d_model))
+    y, m, _ = block._mac(h, None)
+    np.testing.assert_array_equal(y, 0.0)
+    np.testing.assert_allclose(m, block.mixer(h, None), atol=1e-6, rtol=0)
+    block.store_residual = False
+    _, m_literal, _ = block._mac(h, None)
+    assert float(jnp.max(jnp.abs(m_literal - block.mixer(h, None)))) > 1e-3
 
 
 def test_mac_reaches_earlier_segments_only_through_the_memory():
@@ -294,6 +311,7 @@ def test_mac_keeps_its_persistent_tokens_per_layer():
         ({"variant": "mag", "num_kv_heads": 3}, {}, "model.num_kv_heads"),
         ({"variant": "mal", "window": 0}, {}, "model.window"),
         ({"variant": "mac", "segment": 0}, {}, "model.segment"),
+        ({"variant": "mac", "mac_store": "input"}, {}, "model.mac_store"),
         ({"memory_impl": "triton"}, {}, "model.memory_impl"),
         ({"memory_gates": "segment"}, {}, "model.memory_gates"),
         ({"memory_max_grad_norm": -1.0}, {}, "model.memory_max_grad_norm"),
