@@ -96,6 +96,7 @@ class TaskConfig:
     power_a: float = 0.01  # mqar: query gap distribution p(g) ~ g^(a-1)
     num_train_examples: int = 100_000  # training set size of a task source (the eval set uses another seed)
     depth: float = 0.5  # S-NIAH: needle depth in [0, 1]
+    random_depth: bool = False  # S-NIAH training set: each needle at a depth drawn from [0, 1] (evals keep `depth`)
     num_entries: int = 8  # phonebook: entries in the book
     num_queries: int = 1  # phonebook: numbers asked for
     num_tokens: int = 16  # selective copying: tokens to copy
@@ -240,6 +241,11 @@ class Config:
     def _validate_tasks(self) -> None:
         """Builds each configured task once so a bad task parameter fails here, naming its flag. Text tasks
         with a tokenizer file are checked when the tokenizer loads (still before anything is written)."""
+        if self.task.random_depth and self.data.source not in synthetic.NIAH_TASKS:
+            raise ConfigError(
+                "task.random_depth",
+                f"applies to training on a needle task {synthetic.NIAH_TASKS}, not data.source={self.data.source!r}",
+            )
         tasks = set(self.eval.task_list) | ({self.data.source} & set(TASK_NAMES))
         for name in sorted(tasks):
             text_task = name in synthetic.TEXT_TASKS

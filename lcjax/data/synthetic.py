@@ -138,13 +138,14 @@ class NIAH:
         num_examples: int,
         seed: int = 0,
         needle: str = "passkey",
+        random_depth: bool = False,
     ):
         if needle not in NEEDLES:
             raise ConfigError("task.needle", f"unknown needle {needle!r}; expected one of {NEEDLES}")
         if not 0.0 <= depth <= 1.0:
             raise ConfigError("task.depth", f"={depth} must be in [0, 1]")
         self.tokenizer, self.seq_len, self.depth, self.needle = tokenizer, seq_len, depth, needle
-        self.num_examples, self.seed = num_examples, seed
+        self.num_examples, self.seed, self.random_depth = num_examples, seed, random_depth
         self._filler = self._encode(FILLER * 4)
         longest_key = max((f"{a}-{n}" for a in KEY_ADJECTIVES for n in KEY_NOUNS), key=len)
         longest_value = {"passkey": "0" * 5, "number": "0" * 7, "word": max(KEY_NOUNS, key=len)}[needle]
@@ -182,10 +183,14 @@ class NIAH:
     def passkey(self, index: int) -> str:
         return self.needle_value(index)
 
+    def needle_depth(self, index: int) -> float:
+        """Example `index`'s needle depth: `depth`, or with `random_depth` one drawn uniformly from [0, 1]."""
+        return float(_rng(self.seed + 2, index).uniform()) if self.random_depth else self.depth
+
     def needle_start(self, index: int) -> int:
         """Input position where the needle text begins."""
         needle, question, answer = self._parts(self.needle_key(index), self.needle_value(index))
-        return int(round(self.depth * (self.seq_len + 1 - len(needle) - len(question) - len(answer))))
+        return int(round(self.needle_depth(index) * (self.seq_len + 1 - len(needle) - len(question) - len(answer))))
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         needle, question, answer = self._parts(self.needle_key(index), self.needle_value(index))
@@ -362,20 +367,24 @@ class JRTPrompt:
 
 
 TASKS = ("mqar", "passkey", "niah_number", "niah_word", "phonebook", "selective_copy")
+NIAH_TASKS = ("passkey", "niah_number", "niah_word")
 TEXT_TASKS = ("passkey", "niah_number", "niah_word", "phonebook")  # built with the tokenizer; the others use raw ids
 
 
 def make_task(name: str, task_config, *, tokenizer: Tokenizer, vocab_size: int, seq_len: int, num_examples: int,
-              seed: int, jrt_prompt: bool = False):  # fmt: skip
+              seed: int, jrt_prompt: bool = False, random_depth: bool = False):  # fmt: skip
     """Task `name` (one of TASKS) with the parameters of `task_config` (a TaskConfig); `seq_len` is the length
-    before JRT-Prompt doubles it."""
+    before JRT-Prompt doubles it. `random_depth`: S-NIAH needles at uniformly drawn depths (training sets)."""
     t = task_config
+    if random_depth and name not in NIAH_TASKS:
+        raise ConfigError("task.random_depth", f"applies to the needle tasks {NIAH_TASKS}, not {name!r}")
     if name == "mqar":
         task = MQAR(vocab_size=vocab_size, seq_len=seq_len, num_kv_pairs=t.num_kv_pairs, num_examples=num_examples,
                     seed=seed, num_passes=t.num_passes, power_a=t.power_a)  # fmt: skip
     elif name in ("passkey", "niah_number", "niah_word"):
         needle = {"passkey": "passkey", "niah_number": "number", "niah_word": "word"}[name]
-        task = NIAH(tokenizer, seq_len=seq_len, depth=t.depth, num_examples=num_examples, seed=seed, needle=needle)
+        task = NIAH(tokenizer, seq_len=seq_len, depth=t.depth, num_examples=num_examples, seed=seed, needle=needle,
+                    random_depth=random_depth)  # fmt: skip
     elif name == "phonebook":
         task = Phonebook(tokenizer, seq_len=seq_len, num_entries=t.num_entries, num_queries=t.num_queries,
                          num_examples=num_examples, seed=seed)  # fmt: skip

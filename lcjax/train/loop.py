@@ -92,6 +92,7 @@ def task_examples(run: Run, name: str, split: str, *, jrt_prompt: bool = False):
         num_examples=cfg.task.num_train_examples if train else cfg.eval.num_batches * cfg.eval.batch_size,
         seed=cfg.train.seed if train else cfg.train.seed + EVAL_SEED_OFFSET,
         jrt_prompt=jrt_prompt,
+        random_depth=train and cfg.task.random_depth,
     )
     if train and cfg.task.context_loss > 0:
         return synthetic.ContextLoss(task, cfg.task.context_loss)

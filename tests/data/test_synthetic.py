@@ -223,3 +223,40 @@ def test_context_loss_applies_to_training_only_and_is_checked():
     assert isinstance(train, ContextLoss) and not isinstance(held_out, ContextLoss)
     assert np.isclose(train[0]["loss_mask"].sum(), 0.1 * (128 - 5) + 5)  # 5 answer digits at weight 1
     assert held_out[0]["loss_mask"].sum() == 5
+
+
+def test_random_depth_draws_each_needle_depth_and_trains_only():
+    import types
+
+    from lcjax.config import TaskConfig, from_dict
+    from lcjax.train import loop
+
+    fixed = Passkey(ByteTokenizer(), seq_len=256, depth=0.5, num_examples=64, seed=3)
+    drawn = Passkey(ByteTokenizer(), seq_len=256, depth=0.5, num_examples=64, seed=3, random_depth=True)
+    starts = [drawn.needle_start(i) for i in range(64)]
+    assert len({fixed.needle_start(i) for i in range(64)}) == 1 and len(set(starts)) > 30
+    depths = np.array([drawn.needle_depth(i) for i in range(64)])
+    assert depths.min() < 0.1 and depths.max() > 0.9 and drawn.needle_depth(5) == drawn.needle_depth(5)
+    for i in range(8):  # the needle sits where needle_start says, and the answer is still its value
+        ex, value = drawn[i], drawn.needle_value(i)
+        text = bytes(np.concatenate([ex["inputs"], ex["targets"][-1:]]).astype(np.uint8)).decode()
+        assert text.index(f" The pass key is {value}.") == starts[i]
+        assert bytes(ex["targets"][ex["loss_mask"] > 0].astype(np.uint8)).decode() == value
+    config = types.SimpleNamespace(
+        task=TaskConfig(random_depth=True, num_train_examples=64),
+        model=types.SimpleNamespace(vocab_size=256),
+        train=types.SimpleNamespace(seq_len=256, seed=3),
+        eval=types.SimpleNamespace(num_batches=1, batch_size=2),
+    )
+    run = types.SimpleNamespace(config=config, tokenizer=ByteTokenizer())
+    assert loop.task_examples(run, "passkey", "train").random_depth
+    assert not loop.task_examples(run, "passkey", "eval").random_depth
+    with pytest.raises(ConfigError) as e:
+        make_task("mqar", TaskConfig(), tokenizer=ByteTokenizer(), vocab_size=512, seq_len=64, num_examples=1, seed=0,
+                  random_depth=True)  # fmt: skip
+    assert e.value.field == "task.random_depth"
+    with pytest.raises(ConfigError) as e:
+        from_dict(
+            {"model": {"name": "transformer"}, "data": {"source": "mqar"}, "task": {"random_depth": True}}
+        ).validate(device_count=1)
+    assert e.value.field == "task.random_depth"
