@@ -368,7 +368,7 @@ class JRTPrompt:
 
 TASKS = ("mqar", "passkey", "niah_number", "niah_word", "phonebook", "selective_copy")
 NIAH_TASKS = ("passkey", "niah_number", "niah_word")
-TEXT_TASKS = ("passkey", "niah_number", "niah_word", "phonebook")  # built with the tokenizer; the others use raw ids
+TEXT_TASKS = (*NIAH_TASKS, "phonebook")  # built with the tokenizer; the others use raw ids
 
 
 def make_task(name: str, task_config, *, tokenizer: Tokenizer, vocab_size: int, seq_len: int, num_examples: int,
@@ -381,7 +381,7 @@ def make_task(name: str, task_config, *, tokenizer: Tokenizer, vocab_size: int, 
     if name == "mqar":
         task = MQAR(vocab_size=vocab_size, seq_len=seq_len, num_kv_pairs=t.num_kv_pairs, num_examples=num_examples,
                     seed=seed, num_passes=t.num_passes, power_a=t.power_a)  # fmt: skip
-    elif name in ("passkey", "niah_number", "niah_word"):
+    elif name in NIAH_TASKS:
         needle = {"passkey": "passkey", "niah_number": "number", "niah_word": "word"}[name]
         task = NIAH(tokenizer, seq_len=seq_len, depth=t.depth, num_examples=num_examples, seed=seed, needle=needle,
                     random_depth=random_depth)  # fmt: skip

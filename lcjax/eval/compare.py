@@ -128,7 +128,8 @@ def stage_seconds(stage_dir: str) -> float:
 
 
 def _add_stage_seconds(stage_dir: str, seconds: float) -> None:
-    os.makedirs(stage_dir, exist_ok=True)
+    if not os.path.isdir(stage_dir):  # the run failed before writing anything: leave no directory behind
+        return
     total = stage_seconds(stage_dir) + seconds
     tmp = os.path.join(stage_dir, STAGE_SECONDS + ".tmp")
     with open(tmp, "w") as f:
