@@ -27,9 +27,14 @@ from lcjax.layers.memory_scan import (
 from lcjax.layers.params import normal, ones, param
 from lcjax.parallel.sharding import constrain
 
+# How θ enters the momentum: "paper", S_t = η_t S_(t−1) − θ_t ∇ℓ_t (Eq. 10), or "ema", S_t = η_t S_(t−1) −
+# (1 − η_t) θ_t ∇ℓ_t (an exponential moving average of the scaled gradients; see `NeuralMemory`).
+MOMENTA = ("paper", "ema")
+
 __all__ = [
     "GATES",
     "IMPLS",
+    "MOMENTA",
     "NeuralMemory",
     "Weights",
     "memory_read",
@@ -56,6 +61,16 @@ class NeuralMemory(nnx.Module):
     do the memory (M_0), the momentum (0) and the gradient reference of the chunk (`memory_scan`'s `resets`, in the
     XLA scan and the kernel alike). With `document_resets=False` the memory runs across documents. `max_grad_norm`
     > 0 clips each token's memory gradient to that norm (`memory_scan`; not in the paper, for deep memories).
+
+    `momentum="ema"` passes θ_t (1 − η_t) as the step, so the momentum is an average of the scaled gradients rather
+    than their sum (not in the paper, whose Eq. 10 is `momentum="paper"`, the default). Why: in the chunk-parallel
+    form every gradient of a chunk is taken at the chunk-start memory, and the paper's momentum adds each of them
+    to all later tokens of the chunk, so a chunk moves the memory by up to ~θ C²/2 stale gradients for η → 1 (C =
+    `chunk_size`). Along a key that repeats (a repeated filler text), the memory's error then grows by a constant
+    factor every chunk: for C = 16, θ = 1/C and η = 0.5 the chunk map's spectral radius is 2.7 (η = 0.9: 9.0; even
+    θ = 1/(4C) with η = 0.9: 1.2), while the per-token recurrence (C = 1) is a contraction for every θ ≤ 1, η < 1.
+    Trained at 512 tokens, mac-tiny's memory is fine there but reaches inf (then NaN) after ~1k–6k tokens on some
+    passkey inputs (docs/benchmarks.md). With "ema" the radius is <= 1 for every θ <= 1/C and η in [0, 1).
     """
 
     def __init__(
@@ -76,12 +91,15 @@ class NeuralMemory(nnx.Module):
         gates: str = "token",
         document_resets: bool = True,
         max_grad_norm: float = 0.0,
+        momentum: str = "paper",
     ):
         if impl not in IMPLS:
             raise ValueError(f"NeuralMemory: impl={impl!r}; expected one of {IMPLS}")
         if gates not in GATES:
             raise ValueError(f"NeuralMemory: gates={gates!r}; expected one of {GATES}")
-        self.gates, self.document_resets = gates, document_resets
+        if momentum not in MOMENTA:
+            raise ValueError(f"NeuralMemory: momentum={momentum!r}; expected one of {MOMENTA}")
+        self.gates, self.document_resets, self.momentum = gates, document_resets, momentum
         self.num_heads, self.head_dim, self.chunk_size, self.conv_size = num_heads, head_dim, chunk_size, conv_size
         self.max_lr, self.impl, self.max_grad_norm = max_lr, impl, max_grad_norm
         self.w_qkv = param(
@@ -220,6 +238,8 @@ class NeuralMemory(nnx.Module):
             jax.nn.sigmoid(gates[:, 1]),
             jax.nn.sigmoid(gates[:, 2]),
         )
+        if self.momentum == "ema":
+            lr = lr * jax.nn.sigmoid(-gates[:, 1])  # θ (1 − η), with 1 − σ(z) = σ(−z) exact for η near 1
         resets = restart = None
         if segment_ids is not None and self.document_resets:
             resets = self.document_starts(segment_ids, history_segments)

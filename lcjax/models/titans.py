@@ -53,6 +53,7 @@ from lcjax.layers.attention import AttentionConfig, SelfAttention, dot_product_a
 from lcjax.layers.mlp import SwiGLU
 from lcjax.layers.neural_memory import GATES as MEMORY_GATES
 from lcjax.layers.neural_memory import IMPLS as MEMORY_IMPLS
+from lcjax.layers.neural_memory import MOMENTA as MEMORY_MOMENTA
 from lcjax.layers.neural_memory import NeuralMemory, memory_widths
 from lcjax.layers.norms import RMSNorm
 from lcjax.layers.params import normal, param
@@ -82,9 +83,16 @@ class TitansConfig:
     memory_expansion: int = 2  # hidden width of a deep memory, in multiples of memory_head_dim
     chunk_size: int = 16  # tokens per chunk: gradients inside a chunk are taken at its start memory
     conv_size: int = 4
-    # θ = max_lr * sigmoid(...). 0: 1 / chunk_size, so that a chunk of identical keys (all its gradients taken at
-    # the chunk start, e.g. a run of spaces) cannot overshoot: 2θ * chunk_size <= 2. Larger values diverge on text.
+    # θ = max_lr * sigmoid(...). 0: 1 / chunk_size, so that without momentum a chunk of identical keys (all its
+    # gradients taken at the chunk start, e.g. a run of spaces) cannot overshoot: 2θ * chunk_size <= 2. Larger values
+    # diverge on text. With the paper's momentum that bound is not enough (memory_momentum, below).
     memory_max_lr: float = 0.0
+    # How θ enters the memory's momentum: "paper" (Eq. 10, S_t = η S_(t−1) − θ ∇ℓ) or "ema" (S_t = η S_(t−1) −
+    # (1 − η) θ ∇ℓ). In the chunk-parallel form the paper's momentum sums every stale gradient of a chunk into all
+    # its later tokens, and along a repeated key the memory's error grows geometrically per chunk (chunk map
+    # spectral radius 2.7 at θ = 1/chunk_size, η = 0.5): fine at the training length, inf/NaN several thousand
+    # tokens later. "ema" keeps that radius <= 1 for every θ <= 1/chunk_size (lcjax.layers.neural_memory).
+    memory_momentum: str = "paper"
     # > 0: each token's memory gradient (all layers, Frobenius norm) is clipped to this norm before the momentum. Not
     # in the paper (0), but depth >= 2 needs it: unclipped, lmm-tiny at depth 2 gives NaN from step ~70 (docs).
     memory_max_grad_norm: float = 0.0
@@ -173,6 +181,10 @@ class TitansConfig:
             raise ConfigError("model.memory_impl", f"={self.memory_impl!r}; expected one of {list(MEMORY_IMPLS)}")
         if self.mac_store not in MAC_STORES:
             raise ConfigError("model.mac_store", f"={self.mac_store!r}; expected one of {list(MAC_STORES)}")
+        if self.memory_momentum not in MEMORY_MOMENTA:
+            raise ConfigError(
+                "model.memory_momentum", f"={self.memory_momentum!r}; expected one of {list(MEMORY_MOMENTA)}"
+            )
         if self.memory_gates not in MEMORY_GATES:
             raise ConfigError("model.memory_gates", f"={self.memory_gates!r}; expected one of {list(MEMORY_GATES)}")
         if self.remat not in REMAT_POLICIES:
@@ -261,6 +273,7 @@ class Block(nnx.Module):
             gates=cfg.memory_gates,
             document_resets=cfg.memory_resets,
             max_grad_norm=cfg.memory_max_grad_norm,
+            momentum=cfg.memory_momentum,
         )
         if cfg.variant in ATTENTION_VARIANTS:  # mac's attention is segment-local: the window does not apply
             self.attn = WindowAttention(cfg, out_std=out_std, rngs=rngs)

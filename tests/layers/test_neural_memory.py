@@ -308,3 +308,58 @@ def test_document_resets_stream_across_a_call_boundary(x64):
         resets=resets[:, :, cut:], init=restart,
     )  # fmt: skip
     np.testing.assert_allclose(jnp.concatenate([first, second], axis=2), whole, rtol=1e-10, atol=1e-11)
+
+
+def _repeated_key_error(chunk_size, lr, momentum, *, chunks=40, dim=4):
+    """‖M k − v‖ after storing one (k, v) pair `chunks` × 16 times into a zero linear memory (α = 0)."""
+    keys = jax.random.split(jax.random.key(12), 2)
+    key = jax.random.normal(keys[0], (dim,))
+    key = key / jnp.linalg.norm(key)
+    length = 16 * chunks
+    k = jnp.broadcast_to(key, (1, 1, length, dim))
+    v = jnp.broadcast_to(jax.random.normal(keys[1], (dim,)), (1, 1, length, dim))
+    full = lambda value: jnp.full((1, 1, length), value)  # noqa: E731
+    _, (weights, _) = memory_scan(
+        [jnp.zeros((1, dim, dim))], k, k, v, full(lr), full(momentum), full(0.0), chunk_size=chunk_size
+    )
+    return float(jnp.linalg.norm(memory_read(weights, k[:, :, -1:]) - v[:, :, -1:]))
+
+
+def test_paper_momentum_diverges_in_chunk_form_along_a_repeated_key_and_the_ema_step_does_not(x64):
+    """θ = 1/C, η = 0.5, one key over 40 chunks of C = 16: the per-token recurrence converges, the chunk form with
+    the paper's momentum (every stale gradient of a chunk summed into its later tokens) grows the error by the chunk
+    map's spectral radius, 2.66, per chunk, and θ (1 − η) (NeuralMemory's `momentum="ema"`) converges in chunk form
+    too (radius 0.70)."""
+    theta, eta = 1 / 16, 0.5
+    start = _repeated_key_error(16, 0.0, eta)  # nothing stored: ‖v‖
+    assert _repeated_key_error(1, theta, eta) < 1e-9 * start
+    assert _repeated_key_error(16, theta, eta) > 1e12 * start
+    assert _repeated_key_error(16, theta * (1 - eta), eta) < 1e-4 * start
+
+
+def test_ema_momentum_keeps_a_layers_memory_bounded_on_a_repeated_input():
+    """The layer on one token repeated for 50 chunks, θ saturated at max_lr = 1/C, η = 0.9, α ≈ 0: with the
+    paper's momentum the memory's weights blow up (chunk map radius > 1); with momentum="ema" they stay O(1)."""
+    from flax import nnx
+
+    from lcjax.layers.neural_memory import NeuralMemory
+
+    def final_weights(momentum):
+        layer = NeuralMemory(
+            8, num_heads=2, head_dim=4, depth=1, expansion=2, chunk_size=4, conv_size=2, max_lr=0.25,
+            init_std=0.5, out_std=0.1, rngs=nnx.Rngs(0), momentum=momentum,
+        )  # fmt: skip
+        layer.w_gates[...] = jnp.zeros_like(layer.w_gates[...])
+        layer.b_gates[...] = jnp.broadcast_to(jnp.array([[20.0], [2.2], [-30.0]]), layer.b_gates[...].shape)
+        x = jnp.broadcast_to(jax.random.normal(jax.random.key(3), (1, 1, 8)), (1, 200, 8))
+        _, cache = layer.step(x, layer.init_cache(1))
+        return float(jnp.max(jnp.abs(cache["weights"][0])))
+
+    paper, ema = final_weights("paper"), final_weights("ema")
+    assert not np.isfinite(paper) or paper > 1e8, paper
+    assert np.isfinite(ema) and ema < 100, ema
+    with pytest.raises(ValueError, match="momentum='adam'"):
+        NeuralMemory(
+            8, num_heads=2, head_dim=4, depth=1, expansion=2, chunk_size=4, conv_size=2, max_lr=0.25,
+            init_std=0.5, out_std=0.1, rngs=nnx.Rngs(0), momentum="adam",
+        )  # fmt: skip

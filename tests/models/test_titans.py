@@ -49,7 +49,8 @@ def _tokens(shape, seed=1):
         ({"variant": "mac", "segment": 4}, [1] * 11),  # segments of whole memory chunks
         ({"variant": "mac", "segment": 3, "memory_depth": 2, "memory_gates": "chunk"}, [5, 6]),  # chunks straddle
         ({"variant": "mac", "segment": 3, "mac_store": "residual"}, [1] * 11),
-        ({"memory_gates": "chunk"}, [3, 3, 5]),  # pieces straddle chunks: the open chunk's gates are cached
+        # pieces straddle chunks: the open chunk's gates are cached; θ (1 − η) steps in both forms
+        ({"memory_gates": "chunk", "memory_momentum": "ema"}, [3, 3, 5]),
     ],
 )
 def test_decode_matches_parallel(overrides, pieces):
@@ -313,6 +314,7 @@ def test_mac_keeps_its_persistent_tokens_per_layer():
         ({"variant": "mac", "mac_store": "input"}, {}, "model.mac_store"),
         ({"memory_impl": "triton"}, {}, "model.memory_impl"),
         ({"memory_gates": "segment"}, {}, "model.memory_gates"),
+        ({"memory_momentum": "adam"}, {}, "model.memory_momentum"),
         ({"memory_max_grad_norm": -1.0}, {}, "model.memory_max_grad_norm"),
         ({}, {"sequence": 2, "data": -1}, "mesh.sequence"),
     ],
