@@ -219,8 +219,15 @@ def write_report(results: dict[str, list[dict]], task: str, out_dir: str, meta: 
             for v in values:
                 r = cells.get((s, v), {})
                 row.append("n/a" if "answer_accuracy" not in r else f"{100 * r['answer_accuracy']:.1f}%")
+                if r.get("nonfinite_fraction", 0) > 0:
+                    row[-1] += f" ({100 * r['nonfinite_fraction']:.0f}% inf/NaN)"
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "n/a: the task cannot be built at that point (see comparison.json for the reason)."]
+    if any(r.get("nonfinite_fraction", 0) > 0 for rows in results.values() for r in rows):
+        lines += [
+            "(x% inf/NaN): the share of examples whose logits at an answer are not finite (the model diverged); "
+            "they count as wrong."
+        ]
     paths = [os.path.join(out_dir, "comparison.md"), os.path.join(out_dir, "comparison.json")]
     with open(paths[0], "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -22,7 +22,8 @@ def evaluate(
     """Mean next-token NLL (nats) over every unmasked target of `batches`, perplexity, bits/byte (byte tokens),
     and the loss by position bucket (`loss_pos/<lo>-<hi>`: positions lo..hi). With `task`, also the accuracies
     of `lcjax.train.step.eval_sums`: answer_accuracy (the task score: exact match of each answer), token_accuracy
-    and example_accuracy (every answer of an example right)."""
+    and example_accuracy (every answer of an example right), and nonfinite_fraction (examples with an inf/NaN
+    logit at an answer: a diverging model, not a wrong guess)."""
     sums = jax.device_get([eval_step(params, device_batch(b)) for b in batches])
     total = {k: sum(np.asarray(s[k], np.float64) for s in sums) for k in sums[0]}
     tokens = float(total["tokens"])
@@ -34,6 +35,7 @@ def evaluate(
         result["answer_accuracy"] = float(total["answers_correct"]) / max(float(total["answers"]), 1.0)
         result["token_accuracy"] = float(total["correct_tokens"]) / max(tokens, 1.0)
         result["example_accuracy"] = float(total["examples_correct"]) / max(float(total["examples"]), 1.0)
+        result["nonfinite_fraction"] = float(total["examples_nonfinite"]) / max(float(total["examples"]), 1.0)
     for b, (nll, count) in enumerate(zip(total["bucket_nll"], total["bucket_tokens"], strict=True)):
         if count > 0:
             lo, hi = (0, 0) if b == 0 else (2 ** (b - 1), 2**b - 1)

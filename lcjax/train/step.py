@@ -235,8 +235,10 @@ def eval_sums(logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.A
     nll_sum, tokens; correct_tokens (argmax == target); answers / answers_correct: an answer is a maximal run of
     consecutive masked targets in a row (an MQAR query, a passkey's digits), correct when every token of it is, which
     under teacher forcing is exactly "greedy decoding reproduces the answer"; examples / examples_correct: rows with
-    any masked target, correct when all are; bucket_nll / bucket_tokens [n]: by position p (`positions`, else the
-    index), bucket 0 holds p = 0 and bucket b >= 1 holds 2^(b-1) <= p < 2^b.
+    any masked target, correct when all are; examples_nonfinite: such rows with an inf/NaN logit at a masked
+    target (a diverging model; counted wrong, and reported apart so that it is not read as a wrong answer);
+    bucket_nll / bucket_tokens [n]: by position p (`positions`, else the index), bucket 0 holds p = 0 and bucket
+    b >= 1 holds 2^(b-1) <= p < 2^b.
     """
     nll, _ = token_losses(logits, batch)
     mask = batch["loss_mask"].astype(jnp.float32)
@@ -262,6 +264,7 @@ def eval_sums(logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.A
         "answers_correct": answers - (wrong_per_answer[:, 1:] > 0).sum().astype(jnp.float32),
         "examples": rows.sum().astype(jnp.float32),
         "examples_correct": (rows & (wrong.sum(axis=1) == 0)).sum().astype(jnp.float32),
+        "examples_nonfinite": (on & ~jnp.isfinite(logits).all(axis=-1)).any(axis=1).sum().astype(jnp.float32),
         "bucket_nll": jax.ops.segment_sum((nll * mask).ravel(), bucket.ravel(), num_segments=num_buckets),
         "bucket_tokens": jax.ops.segment_sum(mask.ravel(), bucket.ravel(), num_segments=num_buckets),
     }

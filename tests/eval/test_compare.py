@@ -138,3 +138,16 @@ def test_family_overrides_apply_only_to_their_models():
         compare.check_overrides(["transformer:tiny"], {"xlstmm:model.num_heads": 8}, configs)
     with pytest.raises(ConfigError, match="names 'xlstmm'"):
         compare.compare(["transformer:tiny"], "mqar", [], [], [], {"xlstmm:model.num_heads": 8}, "/no", "/no", configs)
+
+
+def test_report_marks_points_where_the_model_diverged(tmp_path):
+    rows = [
+        {"seq_len": 64, "depth": 0.5, "answer_accuracy": 0.75, "nonfinite_fraction": 0.25},
+        {"seq_len": 256, "depth": 0.5, "answer_accuracy": 1.0, "nonfinite_fraction": 0.0},
+    ]
+    compare.write_report({"titans:mac-tiny": rows}, "passkey", str(tmp_path), {})
+    table = (tmp_path / "comparison.md").read_text()
+    assert "| titans:mac-tiny | 75.0% (25% inf/NaN) | 100.0% |" in table
+    assert "the model diverged" in table
+    compare.write_report({"titans:mac-tiny": rows[1:]}, "passkey", str(tmp_path), {})
+    assert "inf/NaN" not in (tmp_path / "comparison.md").read_text()

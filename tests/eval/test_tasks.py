@@ -23,7 +23,7 @@ def _reference(logits, batch):
     log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     nll = log_z - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
     right = logits.argmax(-1) == targets
-    out = dict.fromkeys(["answers", "answers_correct", "examples", "examples_correct"], 0)
+    out = dict.fromkeys(["answers", "answers_correct", "examples", "examples_correct", "examples_nonfinite"], 0)
     buckets = {}
     for row in range(mask.shape[0]):
         run = []
@@ -41,6 +41,7 @@ def _reference(logits, batch):
         if mask[row].any():
             out["examples"] += 1
             out["examples_correct"] += bool(right[row][mask[row] > 0].all())
+            out["examples_nonfinite"] += bool(not np.isfinite(logits[row][mask[row] > 0]).all())
     out["nll_sum"], out["tokens"] = float((nll * mask).sum()), float(mask.sum())
     out["correct_tokens"] = float((right * mask).sum())
     return out, buckets
@@ -60,8 +61,15 @@ def test_eval_sums_match_a_reference():
     want, buckets = _reference(logits, batch)
     for k, v in want.items():
         np.testing.assert_allclose(float(got[k]), v, rtol=1e-5, err_msg=k)
-    assert 0 < want["answers_correct"] < want["answers"] and want["examples"] == 3
+    assert 0 < want["answers_correct"] < want["answers"] and want["examples"] == 3 and want["examples_nonfinite"] == 0
     assert got["bucket_nll"].shape == (length.bit_length() + 1,)
+    diverged = logits.copy()
+    diverged[1, np.flatnonzero(mask[1])[-1], 2] = np.nan  # at an answer: that example is non-finite (and wrong)
+    diverged[0, np.flatnonzero(mask[0] == 0)[0], 1] = np.inf  # outside the answers: not counted
+    diverged[3, 7, 0] = np.nan  # a row without answers is no example
+    got_nan = jax.device_get(jax.jit(eval_sums)(jnp.asarray(diverged), batch))
+    assert float(got_nan["examples_nonfinite"]) == 1 == _reference(diverged, batch)[0]["examples_nonfinite"]
+    assert float(got_nan["examples_correct"]) <= float(got["examples_correct"])
     for b in range(len(got["bucket_nll"])):
         nll_sum, count = buckets.get(b, (0.0, 0))
         assert float(got["bucket_tokens"][b]) == count
