@@ -107,8 +107,11 @@ class NeuralMemory(nnx.Module):
         )
         self.conv = param(rngs, (conv_size, 3, num_heads, head_dim), (None, None, "heads", "head_dim"), _identity_tap)
         self.w_gates = param(rngs, (d_model, 3, num_heads), ("embed", None, "heads"), normal(init_std))
-        # Initial θ = max_lr σ(−2) ≈ 0.12 max_lr, η = σ(2) ≈ 0.88, α = σ(−5) ≈ 0.007 (slow forgetting).
-        self.b_gates = param(rngs, (3, num_heads), (None, "heads"), _gate_bias((-2.0, 2.0, -5.0)))
+        # Initial θ = max_lr σ(−2) ≈ 0.12 max_lr, η = σ(2) ≈ 0.88, α = σ(−5) ≈ 0.007 (slow forgetting). A steady
+        # surprise then moves the memory by θ/(1 − η) ≈ max_lr per token. "ema" moves it by θ, so it starts at
+        # θ = σ(2) max_lr ≈ 0.88 max_lr: the same steady step (a 0.12 max_lr start left mac-tiny's memory idle).
+        theta_bias = 2.0 if momentum == "ema" else -2.0
+        self.b_gates = param(rngs, (3, num_heads), (None, "heads"), _gate_bias((theta_bias, 2.0, -5.0)))
         widths = memory_widths(head_dim, depth, expansion)
         # Hidden layers start small (std (d_in d_out)^-1/2) so the hidden activations that the last layer's
         # gradient is an outer product of have norm O(1), not O(width): a chunk's step stays stable.
