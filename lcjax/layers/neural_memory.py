@@ -69,8 +69,8 @@ class NeuralMemory(nnx.Module):
     `chunk_size`). Along a key that repeats (a repeated filler text), the memory's error then grows by a constant
     factor every chunk: for C = 16, θ = 1/C and η = 0.5 the chunk map's spectral radius is 2.7 (η = 0.9: 9.0; even
     θ = 1/(4C) with η = 0.9: 1.2), while the per-token recurrence (C = 1) is a contraction for every θ ≤ 1, η < 1.
-    Trained at 512 tokens, mac-tiny's memory is fine there but reaches inf (then NaN) after ~1k–6k tokens on some
-    passkey inputs (docs/benchmarks.md). With "ema" the radius is <= 1 for every θ <= 1/C and η in [0, 1).
+    Trained at 512 tokens, mac-tiny's memory is fine there, but on some passkey inputs it leaves its range at ~1k
+    tokens and is inf (then NaN) by ~2.5k–5k (docs/benchmarks.md). With "ema" the radius is <= 1 for every θ <= 1/C and η in [0, 1).
     """
 
     def __init__(
