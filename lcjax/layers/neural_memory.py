@@ -70,7 +70,8 @@ class NeuralMemory(nnx.Module):
     factor every chunk: for C = 16, θ = 1/C and η = 0.5 the chunk map's spectral radius is 2.7 (η = 0.9: 9.0; even
     θ = 1/(4C) with η = 0.9: 1.2), while the per-token recurrence (C = 1) is a contraction for every θ ≤ 1, η < 1.
     Trained at 512 tokens, mac-tiny's memory is fine there, but on some passkey inputs it leaves its range at ~1k
-    tokens and is inf (then NaN) by ~2.5k–5k (docs/benchmarks.md). With "ema" the radius is <= 1 for every θ <= 1/C and η in [0, 1).
+    tokens and is inf (then NaN) by ~2.5k–5k (docs/benchmarks.md). With "ema" the radius is <= 1 for every
+    θ <= 1/C and η in [0, 1).
     """
 
     def __init__(
@@ -109,7 +110,7 @@ class NeuralMemory(nnx.Module):
         self.w_gates = param(rngs, (d_model, 3, num_heads), ("embed", None, "heads"), normal(init_std))
         # Initial θ = max_lr σ(−2) ≈ 0.12 max_lr, η = σ(2) ≈ 0.88, α = σ(−5) ≈ 0.007 (slow forgetting). A steady
         # surprise then moves the memory by θ/(1 − η) ≈ max_lr per token. "ema" moves it by θ, so it starts at
-        # θ = σ(2) max_lr ≈ 0.88 max_lr: the same steady step (a 0.12 max_lr start left mac-tiny's memory idle).
+        # θ = σ(2) max_lr ≈ 0.88 max_lr, about the same steady step.
         theta_bias = 2.0 if momentum == "ema" else -2.0
         self.b_gates = param(rngs, (3, num_heads), (None, "heads"), _gate_bias((theta_bias, 2.0, -5.0)))
         widths = memory_widths(head_dim, depth, expansion)
