@@ -83,15 +83,11 @@ class TitansConfig:
     memory_expansion: int = 2  # hidden width of a deep memory, in multiples of memory_head_dim
     chunk_size: int = 16  # tokens per chunk: gradients inside a chunk are taken at its start memory
     conv_size: int = 4
-    # θ = max_lr * sigmoid(...). 0: 1 / chunk_size, so that without momentum a chunk of identical keys (all its
-    # gradients taken at the chunk start, e.g. a run of spaces) cannot overshoot: 2θ * chunk_size <= 2. Larger values
-    # diverge on text. With the paper's momentum that bound is not enough (memory_momentum, below).
+    # θ = max_lr * sigmoid(...). 0: 1 / chunk_size: without momentum a chunk of identical keys (gradients all at the
+    # chunk start) cannot overshoot (2θ * chunk_size <= 2); larger diverges on text; momentum: memory_momentum, below.
     memory_max_lr: float = 0.0
-    # How θ enters the memory's momentum: "paper" (Eq. 10, S_t = η S_(t−1) − θ ∇ℓ) or "ema" (S_t = η S_(t−1) −
-    # (1 − η) θ ∇ℓ). In the chunk-parallel form the paper's momentum sums every stale gradient of a chunk into all
-    # its later tokens, and along a repeated key the memory's error grows geometrically per chunk (chunk map
-    # spectral radius 2.7 at θ = 1/chunk_size, η = 0.5): fine at the training length, inf/NaN several thousand
-    # tokens later. "ema" keeps that radius <= 1 for every θ <= 1/chunk_size (lcjax.layers.neural_memory).
+    # The memory's momentum: "paper" (Eq. 10, S_t = η S − θ ∇ℓ; in the chunk-parallel form it diverges along a
+    # repeated key past the training length) or "ema" (S_t = η S − (1 − η) θ ∇ℓ, stable): `NeuralMemory`'s docstring.
     memory_momentum: str = "paper"
     # > 0: each token's memory gradient (all layers, Frobenius norm) is clipped to this norm before the momentum. Not
     # in the paper (0), but depth >= 2 needs it: unclipped, lmm-tiny at depth 2 gives NaN from step ~70 (docs).
@@ -177,18 +173,11 @@ class TitansConfig:
             raise ConfigError("model.d_model", f"={self.d_model} must be divisible by mesh.fsdp={mesh['fsdp']}")
         if mesh["sequence"] > 1:
             raise ConfigError("mesh.sequence", "Titans' memory is sequential over the sequence; use mesh.sequence=1")
-        if self.memory_impl not in MEMORY_IMPLS:
-            raise ConfigError("model.memory_impl", f"={self.memory_impl!r}; expected one of {list(MEMORY_IMPLS)}")
-        if self.mac_store not in MAC_STORES:
-            raise ConfigError("model.mac_store", f"={self.mac_store!r}; expected one of {list(MAC_STORES)}")
-        if self.memory_momentum not in MEMORY_MOMENTA:
-            raise ConfigError(
-                "model.memory_momentum", f"={self.memory_momentum!r}; expected one of {list(MEMORY_MOMENTA)}"
-            )
-        if self.memory_gates not in MEMORY_GATES:
-            raise ConfigError("model.memory_gates", f"={self.memory_gates!r}; expected one of {list(MEMORY_GATES)}")
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError("model.remat", f"={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+        choices = {"memory_impl": list(MEMORY_IMPLS), "mac_store": list(MAC_STORES), "memory_gates": list(MEMORY_GATES)}
+        choices |= {"memory_momentum": list(MEMORY_MOMENTA), "remat": sorted(REMAT_POLICIES)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"model.{name}", f"={getattr(self, name)!r}; expected one of {allowed}")
 
     def memory_widths(self) -> list[int]:
         return memory_widths(self.resolved_head_dim, self.memory_depth, self.memory_expansion)

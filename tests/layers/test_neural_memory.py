@@ -344,11 +344,11 @@ def test_ema_momentum_keeps_a_layers_memory_bounded_on_a_repeated_input():
 
     from lcjax.layers.neural_memory import NeuralMemory
 
+    kwargs = dict(num_heads=2, head_dim=4, depth=1, expansion=2, chunk_size=4, conv_size=2, max_lr=0.25)
+    kwargs |= dict(init_std=0.5, out_std=0.1)
+
     def final_weights(momentum):
-        layer = NeuralMemory(
-            8, num_heads=2, head_dim=4, depth=1, expansion=2, chunk_size=4, conv_size=2, max_lr=0.25,
-            init_std=0.5, out_std=0.1, rngs=nnx.Rngs(0), momentum=momentum,
-        )  # fmt: skip
+        layer = NeuralMemory(8, **kwargs, rngs=nnx.Rngs(0), momentum=momentum)  # the same parameters for both
         layer.w_gates[...] = jnp.zeros_like(layer.w_gates[...])
         layer.b_gates[...] = jnp.broadcast_to(jnp.array([[20.0], [2.2], [-30.0]]), layer.b_gates[...].shape)
         x = jnp.broadcast_to(jax.random.normal(jax.random.key(3), (1, 1, 8)), (1, 200, 8))
@@ -359,7 +359,4 @@ def test_ema_momentum_keeps_a_layers_memory_bounded_on_a_repeated_input():
     assert not np.isfinite(paper) or paper > 1e8, paper
     assert np.isfinite(ema) and ema < 100, ema
     with pytest.raises(ValueError, match="momentum='adam'"):
-        NeuralMemory(
-            8, num_heads=2, head_dim=4, depth=1, expansion=2, chunk_size=4, conv_size=2, max_lr=0.25,
-            init_std=0.5, out_std=0.1, rngs=nnx.Rngs(0), momentum="adam",
-        )  # fmt: skip
+        NeuralMemory(8, **kwargs, rngs=nnx.Rngs(0), momentum="adam")
