@@ -18,6 +18,17 @@ where W_ref(t) is the memory at the start of the chunk holding t (paper §3.2, m
 chunk size 1 is the fully sequential recurrence; chunk size T takes every gradient at M_0. Results legitimately
 depend on the chunk size.
 
+`chunk_momentum=True` (not in the paper) steps the momentum once per chunk instead, heavy ball over chunks: with
+f the chunk's first token and g_i = ∇_W ℓ(W_ref(i); k_i, v_i),
+
+    S_t = η_f S_(f−1) − Σ_(f≤i≤t) θ_i g_i        M_t = (1 − α_t) M_(t−1) + (S_t − S_(t−1) for t > f; S_f at f)
+
+so each token adds its own −θ_i g_i to the memory, the carried momentum enters once, at f, and the chunk hands
+S = η_f S_0 − Σ θ_i g_i to the next. Chunk size 1 is again the paper's recurrence. Why: with the paper's
+momentum every stale gradient of a chunk is added into all its later tokens, which along a repeated key diverges
+(spectral radius 2.7 at C = 16, θ = 1/C, η = 0.5); per chunk the update is heavy ball with step Σθ_i <= 1, stable
+for every η < 1, and its steady step (C θ/(1 − η) per chunk) is the paper form's.
+
 Chunk-parallel form (`memory_scan`). Inside a chunk every per-token gradient is a sum of outer products
 u_i^l = h_i^(l−1)ᵀ δ_i^l taken at W_ref (TTT's dual form), and the two recurrences are linear, so
 
@@ -60,7 +71,7 @@ def memory_read(weights: Sequence[jax.Array], x: jax.Array) -> jax.Array:
     return _layers(weights, x)[1][-1]
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size", "impl", "max_grad_norm"))
+@functools.partial(jax.jit, static_argnames=("chunk_size", "impl", "max_grad_norm", "chunk_momentum"))
 def memory_scan(
     init_weights: Sequence[jax.Array],
     q: jax.Array,
@@ -75,6 +86,7 @@ def memory_scan(
     impl: str = "xla",
     resets: jax.Array | None = None,
     max_grad_norm: float = 0.0,
+    chunk_momentum: bool = False,
 ) -> tuple[jax.Array, tuple[Weights, Weights]]:
     """Stores (k_t, v_t) and retrieves y_t = M_t(q_t) for every token, chunk-parallel (see the module docstring).
 
@@ -96,6 +108,7 @@ def memory_scan(
       max_grad_norm: > 0 clips every token's gradient ∇_W ℓ (all layers together, Frobenius norm) to this norm
         before it enters the momentum: S_t = η_t S_(t−1) − θ_t clip(∇_W ℓ). Not in the paper (0, the default, is
         the paper's rule); it bounds each token's step, which a deep memory needs to train stably (docs).
+      chunk_momentum: the momentum steps once per chunk (module docstring; False, the default, is the paper's).
 
     Returns:
       y `[batch, heads, length, value_dim]` and the final `(weights, momentum)`, each `[batch, heads, d_in, d_out]`
@@ -121,6 +134,7 @@ def memory_scan(
         resets=resets,
         init=restart,
         max_grad_norm=max_grad_norm,
+        chunk_momentum=chunk_momentum,
     )
     return y, (weights, momentum_state)
 
@@ -150,6 +164,7 @@ def memory_scan_from(
     resets: jax.Array | None = None,
     init: Weights | None = None,
     max_grad_norm: float = 0.0,
+    chunk_momentum: bool = False,
 ) -> tuple[jax.Array, tuple[Weights, Weights, Weights]]:
     """`memory_scan` continuing a chunk: `state = (W_ref, M, S)` with `offset` tokens of the current chunk done.
 
@@ -162,7 +177,8 @@ def memory_scan_from(
     `offset` may be traced (streaming decode): the tokens are then placed in a buffer long enough for any offset.
     `resets` `[batch, heads, length]` (1 where a document starts) restart the memory from `init` (M_0 per layer,
     `[batch, heads, d_in, d_out]`) and the momentum from 0 there, and the rest of that chunk takes its gradients at
-    `init` (see `memory_scan`); the kernel handles them too. `max_grad_norm` as in `memory_scan`.
+    `init` (see `memory_scan`); the kernel handles them too. `max_grad_norm` and `chunk_momentum` as in
+    `memory_scan`.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
@@ -190,14 +206,14 @@ def memory_scan_from(
     valid = chunked(jnp.ones((batch, heads, length), q.dtype))
     # Padding leaves the state alone: θ = 0, η = 1, α = 0 (and the decay scan ignores it through `valid`).
     if resets is None:
-        coeffs = _chunk_coefficients(chunked(lr), chunked(momentum, 1.0), chunked(decay), valid)
+        coeffs = _chunk_coefficients(chunked(lr), chunked(momentum, 1.0), chunked(decay), valid, None, chunk_momentum)
         reset_cols = None
     else:
         if resets.shape != (batch, heads, length) or init is None:
             expected = (batch, heads, length)
             raise ValueError(f"resets {resets.shape} must be [batch, heads, length] = {expected}, with init")
         *coeffs, reset_cols = _chunk_coefficients(
-            chunked(lr), chunked(momentum, 1.0), chunked(decay), valid, chunked(resets.astype(q.dtype))
+            chunked(lr), chunked(momentum, 1.0), chunked(decay), valid, chunked(resets.astype(q.dtype)), chunk_momentum
         )
     xs = (chunked(q), chunked(k), chunked(v), tuple(coeffs), jnp.arange(num_chunks), reset_cols)
     ref0, weights0, momentum0 = state
@@ -281,7 +297,7 @@ def _select(predicate, on_true, on_false):
     return jax.tree.map(lambda a, b: jnp.where(predicate, a, b), on_true, on_false)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size", "max_grad_norm"))
+@functools.partial(jax.jit, static_argnames=("chunk_size", "max_grad_norm", "chunk_momentum"))
 def memory_scan_reference(
     init_weights: Sequence[jax.Array],
     q: jax.Array,
@@ -295,6 +311,7 @@ def memory_scan_reference(
     initial_momentum: Sequence[jax.Array] | None = None,
     resets: jax.Array | None = None,
     max_grad_norm: float = 0.0,
+    chunk_momentum: bool = False,
 ) -> tuple[jax.Array, tuple[Weights, Weights]]:
     """The oracle: one `lax.scan` step per token, gradients by `jax.grad` at the chunk-start memory.
 
@@ -313,7 +330,8 @@ def memory_scan_reference(
     def body(carry, inputs):
         ref, weights, momentum_state = carry
         q_t, k_t, v_t, lr_t, momentum_t, decay_t, reset_t, t = inputs
-        ref = _select(t % chunk_size == 0, weights, ref)
+        first = t % chunk_size == 0
+        ref = _select(first, weights, ref)
         restart_here = reset_t[..., None, None] > 0
         ref, weights = (_select(restart_here, restart, w) for w in (ref, weights))
         momentum_state = _select(restart_here, [jnp.zeros_like(s) for s in momentum_state], momentum_state)
@@ -321,11 +339,12 @@ def memory_scan_reference(
         if max_grad_norm:  # the whole token gradient to at most that norm, per batch element and head
             norm = jnp.sqrt(sum(jnp.sum(g * g, axis=(-2, -1)) for g in grads) + 1e-12)[..., None, None]
             grads = [g * (max_grad_norm / jnp.maximum(norm, max_grad_norm)) for g in grads]  # finite at g = 0
-        momentum_state = [
-            momentum_t[..., None, None] * s - lr_t[..., None, None] * g
-            for s, g in zip(momentum_state, grads, strict=True)
-        ]
-        weights = [(1 - decay_t[..., None, None]) * w + s for w, s in zip(weights, momentum_state, strict=True)]
+        carried = jnp.where(first, momentum_t, 1.0) if chunk_momentum else momentum_t
+        steps = [-lr_t[..., None, None] * g for g in grads]
+        momentum_state = [carried[..., None, None] * s + d for s, d in zip(momentum_state, steps, strict=True)]
+        # The paper's: M takes S_t. Per-chunk momentum: S_t at the chunk's first token, then each token's own step.
+        steps = _select(first, momentum_state, steps) if chunk_momentum else momentum_state
+        weights = [(1 - decay_t[..., None, None]) * w + d for w, d in zip(weights, steps, strict=True)]
         y_t = jax.vmap(jax.vmap(lambda w, x: memory_read(w, x[None])[0]))(weights, q_t)
         return (ref, weights, momentum_state), y_t
 
@@ -372,7 +391,7 @@ def _layers(weights, x):
     return inputs, pre
 
 
-def _chunk_coefficients(lr, momentum, decay, valid, reset=None):
+def _chunk_coefficients(lr, momentum, decay, valid, reset=None, chunk_momentum=False):
     """Scalar coefficients of one chunk's state in terms of (u_i, S_0, M_0), from two associative scans.
 
     Inputs `[..., chunk]`. Returns gamma `[..., chunk, chunk]` (M_t in u_i) and the columns of
@@ -380,7 +399,8 @@ def _chunk_coefficients(lr, momentum, decay, valid, reset=None):
     e (it in S_0). With `reset` (1 where a document starts) also the `reset_cols` of `titans_memory.chunk_step`:
     c_t (M_t in the restart memory) and 1 from the chunk's first reset on. A reset at r sets S_(r−1) = 0 and
     M_(r−1) = the restart memory, so every coefficient of the state before it (a, b, e, Γ and σ of earlier tokens)
-    is 0 from r on.
+    is 0 from r on. `chunk_momentum`: η acts at the chunk's first token only and M_t adds S_t − S_(t−1) (S_t at the
+    first token), `memory_scan`'s per-chunk momentum.
     """
     size = lr.shape[-1]
     eye = jnp.eye(size, dtype=lr.dtype)
@@ -392,10 +412,15 @@ def _chunk_coefficients(lr, momentum, decay, valid, reset=None):
 
     # S_t = η_t S_(t−1) − θ_t u_t; columns: u_1..u_c, then S_0.
     x_s = jnp.concatenate([-lr[..., None] * eye, (momentum * first * keep)[..., None]], axis=-1)
-    _, s = jax.lax.associative_scan(linear, ((momentum * keep)[..., None], x_s), axis=-2)
+    carried = momentum * first + (1 - first) if chunk_momentum else momentum
+    _, s = jax.lax.associative_scan(linear, ((carried * keep)[..., None], x_s), axis=-2)
+    step = s
+    if chunk_momentum:  # M_t takes S_t − S_(t−1); after a reset S_(t−1) is 0
+        earlier = jnp.concatenate([jnp.zeros_like(s[..., :1, :]), s[..., :-1, :]], axis=-2)
+        step = s - (keep[..., None] if reset is not None else 1.0) * earlier
     # M_t = (1 − α_t) M_(t−1) + S_t on valid tokens; columns: u_1..u_c, S_0, M_0, then the restart memory.
     restart = [] if reset is None else [((1 - decay) * reset)[..., None]]
-    x_m = jnp.concatenate([valid[..., None] * s, ((1 - decay) * first * keep)[..., None], *restart], axis=-1)
+    x_m = jnp.concatenate([valid[..., None] * step, ((1 - decay) * first * keep)[..., None], *restart], axis=-1)
     _, m = jax.lax.associative_scan(linear, (((1 - decay) * keep)[..., None], x_m), axis=-2)
     gamma = m[..., :size]
     cols = titans_memory.pack_columns(gamma, m[..., size + 1], m[..., size], s[..., -1, :size], s[..., -1, size])

@@ -27,9 +27,10 @@ from lcjax.layers.memory_scan import (
 from lcjax.layers.params import normal, ones, param
 from lcjax.parallel.sharding import constrain
 
-# How θ enters the momentum: "paper", S_t = η_t S_(t−1) − θ_t ∇ℓ_t (Eq. 10), or "ema", S_t = η_t S_(t−1) −
-# (1 − η_t) θ_t ∇ℓ_t (an exponential moving average of the scaled gradients; see `NeuralMemory`).
-MOMENTA = ("paper", "ema")
+# The memory's momentum: "paper", S_t = η_t S_(t−1) − θ_t ∇ℓ_t (Eq. 10); "ema", S_t = η_t S_(t−1) −
+# (1 − η_t) θ_t ∇ℓ_t (an exponential moving average of the scaled gradients); "chunk", one momentum step per chunk
+# (`memory_scan`'s `chunk_momentum`). See `NeuralMemory`.
+MOMENTA = ("paper", "ema", "chunk")
 
 __all__ = [
     "GATES",
@@ -71,7 +72,10 @@ class NeuralMemory(nnx.Module):
     θ = 1/(4C) with η = 0.9: 1.2), while the per-token recurrence (C = 1) is a contraction for every θ ≤ 1, η < 1.
     Trained at 512 tokens, mac-tiny's memory is fine there, but on some passkey inputs it leaves its range at ~1k
     tokens and is inf (then NaN) by ~2.5k–5k (docs/benchmarks.md). With "ema" the radius is <= 1 for every
-    θ <= 1/C and η in [0, 1).
+    θ <= 1/C and η in [0, 1). `momentum="chunk"` keeps the paper's θ and η but steps the momentum once per chunk
+    (heavy ball over chunks, `memory_scan`'s `chunk_momentum`): inside a chunk each token adds only its own −θ ∇ℓ,
+    the carried momentum (times the first token's η) enters once; stable for every η < 1 at θ <= 1/C, with the
+    paper form's steady step θ/(1 − η) per token, and the paper's recurrence at chunk size 1.
     """
 
     def __init__(
@@ -263,6 +267,7 @@ class NeuralMemory(nnx.Module):
             resets=resets,
             init=restart,
             max_grad_norm=self.max_grad_norm,
+            chunk_momentum=self.momentum == "chunk",
         )
         return self._output(y, x), (history, new_state, chunk_gates)
 

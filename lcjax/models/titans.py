@@ -86,8 +86,8 @@ class TitansConfig:
     # θ = max_lr * sigmoid(...). 0: 1 / chunk_size: without momentum a chunk of identical keys (gradients all at the
     # chunk start) cannot overshoot (2θ * chunk_size <= 2); larger diverges on text; momentum: memory_momentum, below.
     memory_max_lr: float = 0.0
-    # The memory's momentum: "paper" (Eq. 10, S_t = η S − θ ∇ℓ; in the chunk-parallel form it diverges along a
-    # repeated key past the training length) or "ema" (S_t = η S − (1 − η) θ ∇ℓ, stable): `NeuralMemory`'s docstring.
+    # The memory's momentum: "paper" (Eq. 10; its chunk-parallel form diverges along a repeated key past the training
+    # length), "ema" (θ (1 − η) steps, stable) or "chunk" (one momentum step per chunk, stable): see `NeuralMemory`.
     memory_momentum: str = "paper"
     # > 0: each token's memory gradient (all layers, Frobenius norm) is clipped to this norm before the momentum. Not
     # in the paper (0), but depth >= 2 needs it: unclipped, lmm-tiny at depth 2 gives NaN from step ~70 (docs).

@@ -114,10 +114,11 @@ def test_interpret_with_document_resets_matches_reference(depth, chunks_per_bloc
         np.testing.assert_allclose(g, w, atol=2e-6 * scale, rtol=0)
 
 
-@pytest.mark.parametrize("with_resets", [False, True])
-def test_memory_scan_through_the_kernel_equals_the_xla_scan(with_resets):
+@pytest.mark.parametrize("with_resets,chunk_momentum", [(False, False), (True, False), (True, True)])
+def test_memory_scan_through_the_kernel_equals_the_xla_scan(with_resets, chunk_momentum):
     """The layer's entry point, a length that is not a multiple of the chunk (padded chunk), gradients to the gates;
-    with document starts: the kernel's restart terms, one start in the open last chunk."""
+    with document starts: the kernel's restart terms, one start in the open last chunk; the per-chunk momentum only
+    changes the coefficients the kernel is given."""
     batch, heads, length, dim, chunk = 2, 2, 11, 8, 4
     keys = jax.random.split(jax.random.key(3), 7)
     q, k, v = (jax.random.normal(keys[i], (batch, heads, length, dim)) for i in range(3))
@@ -131,8 +132,9 @@ def test_memory_scan_through_the_kernel_equals_the_xla_scan(with_resets):
     def loss(impl):
         def f(init, q, k, v, lr, momentum, decay):
             y, (weights, surprise) = memory_scan(
-                init, q, k, v, lr, momentum, decay, chunk_size=chunk, impl=impl, resets=resets
-            )
+                init, q, k, v, lr, momentum, decay, chunk_size=chunk, impl=impl, resets=resets,
+                chunk_momentum=chunk_momentum,
+            )  # fmt: skip
             return jnp.sum(jnp.sin(y)) + sum(jnp.sum(w**2) for w in weights + surprise)
 
         return f

@@ -310,7 +310,7 @@ def test_document_resets_stream_across_a_call_boundary(x64):
     np.testing.assert_allclose(jnp.concatenate([first, second], axis=2), whole, rtol=1e-10, atol=1e-11)
 
 
-def _repeated_key_error(chunk_size, lr, momentum, *, chunks=40, dim=4):
+def _repeated_key_error(chunk_size, lr, momentum, *, chunks=40, dim=4, chunk_momentum=False):
     """‖M k − v‖ after storing one (k, v) pair `chunks` × 16 times into a zero linear memory (α = 0)."""
     keys = jax.random.split(jax.random.key(12), 2)
     key = jax.random.normal(keys[0], (dim,))
@@ -320,8 +320,9 @@ def _repeated_key_error(chunk_size, lr, momentum, *, chunks=40, dim=4):
     v = jnp.broadcast_to(jax.random.normal(keys[1], (dim,)), (1, 1, length, dim))
     full = lambda value: jnp.full((1, 1, length), value)  # noqa: E731
     _, (weights, _) = memory_scan(
-        [jnp.zeros((1, dim, dim))], k, k, v, full(lr), full(momentum), full(0.0), chunk_size=chunk_size
-    )
+        [jnp.zeros((1, dim, dim))], k, k, v, full(lr), full(momentum), full(0.0), chunk_size=chunk_size,
+        chunk_momentum=chunk_momentum,
+    )  # fmt: skip
     return float(jnp.linalg.norm(memory_read(weights, k[:, :, -1:]) - v[:, :, -1:]))
 
 
@@ -329,12 +330,15 @@ def test_paper_momentum_diverges_in_chunk_form_along_a_repeated_key_and_the_ema_
     """θ = 1/C, η = 0.5, one key over 40 chunks of C = 16: the per-token recurrence converges, the chunk form with
     the paper's momentum (every stale gradient of a chunk summed into its later tokens) grows the error by the chunk
     map's spectral radius, 2.66, per chunk, and θ (1 − η) (NeuralMemory's `momentum="ema"`) converges in chunk form
-    too (radius 0.70)."""
+    too (radius 0.70), as does the momentum stepped once per chunk (`chunk_momentum`: heavy ball with step
+    Σθ = 1, radius √η = 0.71; at η = 0.9 it is 0.95, where the paper's chunk form has 9.0)."""
     theta, eta = 1 / 16, 0.5
     start = _repeated_key_error(16, 0.0, eta)  # nothing stored: ‖v‖
     assert _repeated_key_error(1, theta, eta) < 1e-9 * start
     assert _repeated_key_error(16, theta, eta) > 1e12 * start
     assert _repeated_key_error(16, theta * (1 - eta), eta) < 1e-4 * start
+    assert _repeated_key_error(16, theta, eta, chunk_momentum=True) < 1e-4 * start
+    assert _repeated_key_error(16, theta, 0.9, chunk_momentum=True) < 0.3 * start  # 0.949^40 = 0.12
 
 
 def test_ema_momentum_keeps_a_layers_memory_bounded_on_a_repeated_input():
@@ -360,3 +364,53 @@ def test_ema_momentum_keeps_a_layers_memory_bounded_on_a_repeated_input():
     assert np.isfinite(ema) and ema < 100, ema
     with pytest.raises(ValueError, match="momentum='adam'"):
         NeuralMemory(8, **kwargs, rngs=nnx.Rngs(0), momentum="adam")
+
+
+def test_chunk_momentum_chunked_equals_its_per_token_rule_and_chunk_one_is_the_paper(x64):
+    """memory_scan(chunk_momentum=True): the chunked form equals the per-token oracle (η at a chunk's first token,
+    each token's own −θ ∇ℓ into the memory) for chunk sizes 1, 2, 7 and T, with an initial momentum and packed
+    documents (starts at 4, 5 and 11); gradients too. Chunk 1 is the paper's recurrence; at chunk 7 it differs."""
+    length = 13
+    args = make_inputs(6, length, 2)
+    kw = dict(initial_momentum=[0.1 * jnp.ones_like(w) for w in args[0]], chunk_momentum=True)
+    for resets in (None, _doc_resets(length, [4, 5, 11])):
+        for chunk_size in (1, 2, 7, length):
+            got = memory_scan(*args, chunk_size=chunk_size, resets=resets, **kw)
+            want = memory_scan_reference(*args, chunk_size=chunk_size, resets=resets, **kw)
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-11, err_msg=f"chunk {chunk_size}, {resets}")
+    paper = {c: memory_scan(*args, chunk_size=c, initial_momentum=kw["initial_momentum"])[0] for c in (1, 7)}
+    per_chunk = {c: memory_scan(*args, chunk_size=c, **kw)[0] for c in (1, 7)}
+    np.testing.assert_allclose(per_chunk[1], paper[1], rtol=1e-10, atol=1e-11)
+    assert float(jnp.max(jnp.abs(per_chunk[7] - paper[7]))) > 1e-3
+
+    def loss(fn, inputs):
+        y, (w, s) = fn(*inputs, chunk_size=7, chunk_momentum=True)
+        return jnp.sum(jnp.sin(y)) + sum(jnp.sum(x**2) for x in w + s)
+
+    grads = jax.grad(lambda a: loss(memory_scan, a))(args)
+    grads_ref = jax.grad(lambda a: loss(memory_scan_reference, a))(args)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_chunk_momentum_streams_in_ragged_pieces_with_a_traced_offset(x64):
+    """Decode's path: pieces that start inside a chunk (traced offset) carry the chunk's running momentum, so the
+    memory takes the carried momentum once per chunk, as in one call."""
+    length, chunk_size = 13, 4
+    init, q, k, v, lr, momentum, decay = make_inputs(7, length, 1)
+    y_full, (weights_full, surprise_full) = memory_scan(
+        init, q, k, v, lr, momentum, decay, chunk_size=chunk_size, chunk_momentum=True
+    )
+    weights = [jnp.broadcast_to(w, (BATCH, *w.shape)) for w in init]
+    state = (weights, weights, [jnp.zeros_like(w) for w in weights])
+    scan = jax.jit(memory_scan_from, static_argnames=("chunk_size", "chunk_momentum"))
+    pieces, start = [], 0
+    for size in (3, 1, 5, 1, 3):
+        sequence = (x[:, :, start : start + size] for x in (q, k, v, lr, momentum, decay))
+        y, state = scan(state, *sequence, chunk_size=chunk_size, offset=jnp.asarray(start % 4), chunk_momentum=True)
+        pieces.append(y)
+        start += size
+    np.testing.assert_allclose(jnp.concatenate(pieces, axis=2), y_full, atol=1e-12)
+    for got, want in zip(state[1] + state[2], weights_full + surprise_full, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-12)

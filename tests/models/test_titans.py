@@ -47,7 +47,11 @@ def _tokens(shape, seed=1):
         ({"variant": "mag", "window": 4}, [1] * 11),
         ({"variant": "mal", "window": 4}, [3, 8]),
         ({"variant": "mac", "segment": 4}, [1] * 11),  # segments of whole memory chunks
-        ({"variant": "mac", "segment": 3, "memory_depth": 2, "memory_gates": "chunk"}, [5, 6]),  # chunks straddle
+        # chunks straddle segments and pieces; the momentum steps once per chunk in both forms
+        (
+            {"variant": "mac", "segment": 3, "memory_depth": 2, "memory_gates": "chunk", "memory_momentum": "chunk"},
+            [5, 6],
+        ),
         ({"variant": "mac", "segment": 3, "mac_store": "residual"}, [1] * 11),
         # pieces straddle chunks: the open chunk's gates are cached; θ (1 − η) steps in both forms
         ({"memory_gates": "chunk", "memory_momentum": "ema"}, [3, 3, 5]),
