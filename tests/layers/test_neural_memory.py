@@ -44,6 +44,23 @@ def sequential_paper_recurrence(init, q, k, v, lr, momentum, decay, *, reference
     return ys
 
 
+def assert_gradients_match_the_oracle(args, **kw):
+    """jax.grad through `memory_scan` == through the per-token oracle (`jax.grad` of `jax.grad`), for a loss on the
+    outputs and the final memory and momentum, with respect to M_0, q, k, v and the gates."""
+
+    def grads(scan):
+        def loss(inputs):
+            y, (weights, surprise) = scan(*inputs, **kw)
+            return jnp.sum(jnp.sin(y)) + sum(jnp.sum(x**2) for x in weights + surprise)
+
+        return jax.grad(loss)(args)
+
+    got, want = grads(memory_scan), grads(memory_scan_reference)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert float(jnp.max(jnp.abs(b))) > 0
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("depth", [1, 2])
 def test_chunked_equals_per_token_loop_for_every_chunk_size(x64, depth):
     length = 13
@@ -155,19 +172,7 @@ def test_batch_elements_and_heads_never_mix(x64):
 
 
 def test_gradients_of_the_chunked_form_equal_those_of_the_reference(x64):
-    init, *sequence = make_inputs(7, 8, depth=2)
-    probe = jax.random.normal(jax.random.key(8), (BATCH, HEADS, 8, DIM))
-
-    def objective(scan):
-        def loss(init, sequence):
-            y, (weights, surprise) = scan(init, *sequence, chunk_size=3)
-            return jnp.sum(y * probe) + sum(jnp.sum(jnp.sin(w)) for w in weights + surprise)
-
-        return jax.grad(loss, argnums=(0, 1))(init, sequence)
-
-    got, want = objective(memory_scan), objective(memory_scan_reference)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-10)
+    assert_gradients_match_the_oracle(make_inputs(7, 8, depth=2), chunk_size=3)
 
 
 @pytest.mark.parametrize("depth", [pytest.param(1, marks=pytest.mark.slow), 2])  # depth 1: `slow` (CI's budget)
@@ -190,18 +195,7 @@ def test_clipped_token_gradients_chunked_equal_the_per_token_rule(x64, depth):
     # a bound above every gradient changes nothing
     loose, _ = memory_scan(*args, chunk_size=4, max_grad_norm=1e6)
     np.testing.assert_allclose(loose, memory_scan(*args, chunk_size=4)[0], rtol=1e-12, atol=1e-13)
-
-    probe = jax.random.normal(jax.random.key(4), (BATCH, HEADS, length, DIM))
-
-    def grads(scan):
-        def loss(init, sequence):
-            y, (weights, _) = scan(init, *sequence, chunk_size=4, max_grad_norm=clip)
-            return jnp.sum(y * probe) + sum(jnp.sum(jnp.sin(w)) for w in weights)
-
-        return jax.grad(loss, argnums=(0, 1))(args[0], args[1:])
-
-    for g, w in zip(jax.tree.leaves(grads(memory_scan)), jax.tree.leaves(grads(memory_scan_reference)), strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-10)
+    assert_gradients_match_the_oracle(args, chunk_size=4, max_grad_norm=clip)
 
 
 def test_bad_shapes_name_what_was_expected():
@@ -260,15 +254,7 @@ def test_document_resets_chunked_equal_the_per_token_rule_for_every_chunk_size(x
     y_free, _ = memory_scan(*args, chunk_size=length, initial_momentum=momentum0)  # as `got`, the last
     assert np.abs(np.asarray(got[0] - y_free)[0, :, 4:]).max() > 1e-3  # the resets changed document 2 onwards
     np.testing.assert_allclose(got[0][1], y_free[1], rtol=1e-10, atol=1e-11)  # the unpacked row is unchanged
-
-    def loss(fn, inputs):
-        y, (w, s) = fn(*inputs, chunk_size=7, resets=resets)
-        return jnp.sum(jnp.sin(y)) + sum(jnp.sum(x**2) for x in w + s)
-
-    grads = jax.grad(lambda a: loss(memory_scan, a))(args)
-    grads_ref = jax.grad(lambda a: loss(memory_scan_reference, a))(args)
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
+    assert_gradients_match_the_oracle(args, chunk_size=7, resets=resets)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4])
@@ -383,15 +369,7 @@ def test_chunk_momentum_chunked_equals_its_per_token_rule_and_chunk_one_is_the_p
     per_chunk = {c: memory_scan(*args, chunk_size=c, **kw)[0] for c in (1, 7)}
     np.testing.assert_allclose(per_chunk[1], paper[1], rtol=1e-10, atol=1e-11)
     assert float(jnp.max(jnp.abs(per_chunk[7] - paper[7]))) > 1e-3
-
-    def loss(fn, inputs):
-        y, (w, s) = fn(*inputs, chunk_size=7, chunk_momentum=True)
-        return jnp.sum(jnp.sin(y)) + sum(jnp.sum(x**2) for x in w + s)
-
-    grads = jax.grad(lambda a: loss(memory_scan, a))(args)
-    grads_ref = jax.grad(lambda a: loss(memory_scan_reference, a))(args)
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
+    assert_gradients_match_the_oracle(args, chunk_size=7, chunk_momentum=True)
 
 
 def test_chunk_momentum_streams_in_ragged_pieces_with_a_traced_offset(x64):
