@@ -343,8 +343,8 @@ def memory_scan_reference(
         steps = [-lr_t[..., None, None] * g for g in grads]
         momentum_state = [carried[..., None, None] * s + d for s, d in zip(momentum_state, steps, strict=True)]
         # The paper's: M takes S_t. Per-chunk momentum: S_t at the chunk's first token, then each token's own step.
-        steps = _select(first, momentum_state, steps) if chunk_momentum else momentum_state
-        weights = [(1 - decay_t[..., None, None]) * w + d for w, d in zip(weights, steps, strict=True)]
+        added = _select(first, momentum_state, steps) if chunk_momentum else momentum_state
+        weights = [(1 - decay_t[..., None, None]) * w + d for w, d in zip(weights, added, strict=True)]
         y_t = jax.vmap(jax.vmap(lambda w, x: memory_read(w, x[None])[0]))(weights, q_t)
         return (ref, weights, momentum_state), y_t
 

@@ -92,30 +92,33 @@ def test_chunk_one_is_the_sequential_recurrence_and_chunk_length_takes_all_gradi
     )
 
 
-@pytest.mark.parametrize("depth,traced_offset", [(1, False), (2, False), (2, True)])
-def test_streaming_in_ragged_pieces_equals_one_shot(x64, depth, traced_offset):
+# chunk_momentum: pieces that start inside a chunk carry its running momentum, which the memory takes once per chunk
+@pytest.mark.parametrize(
+    "depth,traced_offset,chunk_momentum", [(1, False, False), (2, False, False), (2, True, False), (1, True, True)]
+)
+def test_streaming_in_ragged_pieces_equals_one_shot(x64, depth, traced_offset, chunk_momentum):
     length, chunk_size = 13, 4
     init, q, k, v, lr, momentum, decay = make_inputs(2, length, depth)
-    y_full, (weights_full, surprise_full) = memory_scan(init, q, k, v, lr, momentum, decay, chunk_size=chunk_size)
+    kw = dict(chunk_size=chunk_size, chunk_momentum=chunk_momentum)
+    y_full, (weights_full, surprise_full) = memory_scan(init, q, k, v, lr, momentum, decay, **kw)
     weights = [jnp.broadcast_to(w, (BATCH, *w.shape)) for w in init]
     state = (weights, weights, [jnp.zeros_like(w) for w in weights])
     # A traced offset is what decode does (the position in the chunk is part of the jitted cache).
-    scan = jax.jit(memory_scan_from, static_argnames=("chunk_size",) if traced_offset else ("chunk_size", "offset"))
+    static = ("chunk_size", "chunk_momentum") + (() if traced_offset else ("offset",))
+    scan = jax.jit(memory_scan_from, static_argnames=static)
     pieces, start = [], 0
     for size in (3, 1, 5, 1, 3):  # one token at a time, across and inside chunk boundaries
         piece = slice(start, start + size)
         offset = jnp.asarray(start % chunk_size) if traced_offset else start % chunk_size
         sequence = (x[:, :, piece] for x in (q, k, v, lr, momentum, decay))
-        y, state = scan(state, *sequence, chunk_size=chunk_size, offset=offset)
+        y, state = scan(state, *sequence, offset=offset, **kw)
         pieces.append(y)
         start += size
     np.testing.assert_allclose(jnp.concatenate(pieces, axis=2), y_full, atol=1e-12)
     for got, want in zip(state[1] + state[2], weights_full + surprise_full, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-12)
     # 13 = 3 chunks + 1 token: the open chunk's reference is the memory after token 12, not the final one.
-    _, (weights12, _) = memory_scan(
-        init, *(x[:, :, :12] for x in (q, k, v, lr, momentum, decay)), chunk_size=chunk_size
-    )
+    _, (weights12, _) = memory_scan(init, *(x[:, :, :12] for x in (q, k, v, lr, momentum, decay)), **kw)
     for got, want in zip(state[0], weights12, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-12)
 
@@ -370,25 +373,3 @@ def test_chunk_momentum_chunked_equals_its_per_token_rule_and_chunk_one_is_the_p
     np.testing.assert_allclose(per_chunk[1], paper[1], rtol=1e-10, atol=1e-11)
     assert float(jnp.max(jnp.abs(per_chunk[7] - paper[7]))) > 1e-3
     assert_gradients_match_the_oracle(args, chunk_size=7, chunk_momentum=True)
-
-
-def test_chunk_momentum_streams_in_ragged_pieces_with_a_traced_offset(x64):
-    """Decode's path: pieces that start inside a chunk (traced offset) carry the chunk's running momentum, so the
-    memory takes the carried momentum once per chunk, as in one call."""
-    length, chunk_size = 13, 4
-    init, q, k, v, lr, momentum, decay = make_inputs(7, length, 1)
-    y_full, (weights_full, surprise_full) = memory_scan(
-        init, q, k, v, lr, momentum, decay, chunk_size=chunk_size, chunk_momentum=True
-    )
-    weights = [jnp.broadcast_to(w, (BATCH, *w.shape)) for w in init]
-    state = (weights, weights, [jnp.zeros_like(w) for w in weights])
-    scan = jax.jit(memory_scan_from, static_argnames=("chunk_size", "chunk_momentum"))
-    pieces, start = [], 0
-    for size in (3, 1, 5, 1, 3):
-        sequence = (x[:, :, start : start + size] for x in (q, k, v, lr, momentum, decay))
-        y, state = scan(state, *sequence, chunk_size=chunk_size, offset=jnp.asarray(start % 4), chunk_momentum=True)
-        pieces.append(y)
-        start += size
-    np.testing.assert_allclose(jnp.concatenate(pieces, axis=2), y_full, atol=1e-12)
-    for got, want in zip(state[1] + state[2], weights_full + surprise_full, strict=True):
-        np.testing.assert_allclose(got, want, atol=1e-12)
