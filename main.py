@@ -70,7 +70,8 @@ def _parse_flags(argv):
         if isinstance(root, KeyError) and root.args:  # ml_collections: an override of a key the config lacks
             key = str(root.args[0]).split()[0].strip("'\"")
             flag = next((a.split("=")[0] for a in argv if a.startswith("--config.") and key in a), key)
-            _fail(f"{flag}: unknown config key {key!r}")
+            moved = " (attention settings are in the model section: --config.model.attention.*)"
+            _fail(f"{flag}: unknown config key {key!r}" + (moved if key == "attention" else ""))
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         # A config file that raised comes wrapped with its traceback: its last line is the actual error.
         _fail(lines[-1] if "Traceback" in str(e) else lines[0])
@@ -90,6 +91,7 @@ def main(argv):
 
     from lcjax import config as config_lib
     from lcjax.errors import ConfigError
+    from lcjax.experiments import inference
     from lcjax.parallel import distributed
     from lcjax.train import loop
 
@@ -109,7 +111,7 @@ def main(argv):
             result = loop.train(config, _WORKDIR.value, init_from=_INIT_FROM.value)
             print("final eval: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
         elif _MODE.value == "eval":
-            report = loop.evaluate_checkpoint(config, _WORKDIR.value)
+            report = inference.evaluate_checkpoint(config, _WORKDIR.value)
             line = {k: v for k, v in report.items() if isinstance(v, float) and not k.startswith("loss_pos/")}
             line |= {f"{t}/answer_accuracy": m["answer_accuracy"] for t, m in report["tasks"].items()}
             print(f"eval at step {report['step']}: " + "  ".join(f"{k} {v:.4f}" for k, v in line.items()))
@@ -121,7 +123,7 @@ def main(argv):
             directory, step = export_checkpoint(config, _WORKDIR.value, _EXPORT_DIR.value)
             print(f"exported step {step} to {directory}")
         else:  # every process takes part; process 0 prints
-            text = loop.generate_text(config, _WORKDIR.value, _PROMPT.value)
+            text = inference.generate_text(config, _WORKDIR.value, _PROMPT.value)
             if jax.process_index() == 0:
                 print(_PROMPT.value + text)
     except ConfigError as e:

@@ -4,17 +4,8 @@ D 768 and 1024, 24 and 48 layers, state 128, head_dim 64, vocabulary 50288).
 python main.py --config=configs/mamba2.py:tiny --workdir=runs/mamba2-tiny
 """
 
-import os
-import sys
-
-# base.py sits next to this file; the directory leaves sys.path again at once, so that configs/xlstm.py and
-# configs/mamba2.py never shadow the PyPI packages of those names (transformers probes for `xlstm`).
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import base  # noqa: E402
-
-sys.path.remove(os.path.dirname(os.path.abspath(__file__)))
-
-from lcjax.models.mamba2 import Mamba2Config  # noqa: E402
+from configs import base
+from lcjax.models.mamba2 import Mamba2Config
 
 _LARGE_TRAIN = {
     "steps": 100000,

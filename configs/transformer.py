@@ -3,17 +3,8 @@
 python main.py --config=configs/transformer.py:tiny --workdir=runs/tiny
 """
 
-import os
-import sys
-
-# base.py sits next to this file; the directory leaves sys.path again at once, so that configs/xlstm.py and
-# configs/mamba2.py never shadow the PyPI packages of those names (transformers probes for `xlstm`).
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import base  # noqa: E402
-
-sys.path.remove(os.path.dirname(os.path.abspath(__file__)))
-
-from lcjax.models.transformer import TransformerConfig  # noqa: E402
+from configs import base
+from lcjax.models.transformer import TransformerConfig
 
 PRESETS = {
     "tiny": {

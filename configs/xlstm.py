@@ -5,17 +5,8 @@ xLSTM-7B shape: D 4096, 32 blocks, 8 heads, vocabulary 50304, context 8192).
 python main.py --config=configs/xlstm.py:large-tiny --workdir=runs/xlstm-large-tiny
 """
 
-import os
-import sys
-
-# base.py sits next to this file; the directory leaves sys.path again at once, so that configs/xlstm.py and
-# configs/mamba2.py never shadow the PyPI packages of those names (transformers probes for `xlstm`).
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import base  # noqa: E402
-
-sys.path.remove(os.path.dirname(os.path.abspath(__file__)))
-
-from lcjax.models.xlstm import XLSTMConfig  # noqa: E402
+from configs import base
+from lcjax.models.xlstm import XLSTMConfig
 
 PRESETS = {
     "large-tiny": {

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 
 IMPLS = ("auto", "pallas", "interpret", "reference")
 _said: set[str] = set()
@@ -83,3 +84,13 @@ def compile_for_tpu(fn: Callable, args: Sequence, topology: str = "v5e:2x2"):
     with tracing_for("tpu"):
         lowered = jax.jit(mapped).lower(*abstract)
     return lowered.compile()
+
+
+def pad_to(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:
+    """`x` padded with `value` at the end of `axis` to a multiple of `multiple`."""
+    extra = -x.shape[axis] % multiple
+    if not extra:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)

@@ -22,6 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from kernels_pallas.attention_mask import MASK_VALUE, MaskSpec
+from kernels_pallas.common import pad_to
 
 _CONTRACT_LAST = (((1,), (1,)), ((), ()))  # a [m, d] · b [n, d] -> [m, n]
 _CONTRACT_FIRST = (((0,), (0,)), ((), ()))  # a [m, n] · b [m, d] -> [n, d]
@@ -30,15 +31,6 @@ _MATMUL = (((1,), (0,)), ((), ()))  # a [m, n] · b [n, d] -> [m, d]
 
 def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
-
-
-def _pad_to(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:
-    extra = -x.shape[axis] % multiple
-    if not extra:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths, constant_values=value)
 
 
 def _dot(a, b, dims):
@@ -62,7 +54,7 @@ class _Geometry:
         self.warps = 4 if self.padded_dim <= 64 else 8
 
     def pad(self, x: jax.Array, block: int) -> jax.Array:
-        return _pad_to(_pad_to(x, 3, self.padded_dim), 1, block)
+        return pad_to(pad_to(x, 3, self.padded_dim), 1, block)
 
     def params(self, stages: int) -> pltriton.CompilerParams:
         return pltriton.CompilerParams(num_warps=self.warps, num_stages=stages)
@@ -140,7 +132,7 @@ def forward(q, k, v, segment_ids, call) -> tuple[jax.Array, jax.Array]:
             pl.BlockSpec((None, kv_padded), lambda i, b, h: (b, 0)),
         ]
         q_seg, kv_seg = split_segments(segment_ids)
-        args += [_pad_to(q_seg, 1, bq, -1), _pad_to(kv_seg, 1, geo.block_k, -1)]
+        args += [pad_to(q_seg, 1, bq, -1), pad_to(kv_seg, 1, geo.block_k, -1)]
     out, lse = pl.pallas_call(
         functools.partial(_forward_kernel, geo=geo, call=call, has_segments=segment_ids is not None),
         grid=(geo.num_q_blocks, geo.batch, geo.num_heads),
@@ -234,11 +226,11 @@ def backward(q, k, v, segment_ids, lse, dout, delta, call) -> tuple[jax.Array, j
     q_padded, kv_padded = geo.num_q_blocks * bq, geo.num_kv_blocks * bk
     qp, dop = geo.pad(q, bq), geo.pad(dout, bq)
     kp, vp = geo.pad(k, bk), geo.pad(v, bk)
-    lse_p, delta_p = _pad_to(lse, 2, bq), _pad_to(delta.astype(jnp.float32), 2, bq)
+    lse_p, delta_p = pad_to(lse, 2, bq), pad_to(delta.astype(jnp.float32), 2, bq)
     has_segments = segment_ids is not None
     if has_segments:
         q_seg, kv_seg = split_segments(segment_ids)
-        q_seg, kv_seg = _pad_to(q_seg, 1, bq, -1), _pad_to(kv_seg, 1, bk, -1)
+        q_seg, kv_seg = pad_to(q_seg, 1, bq, -1), pad_to(kv_seg, 1, bk, -1)
     kernel_args = dict(geo=geo, call=call, has_segments=has_segments)
 
     # dk, dv: grid (kv block, batch, kv head); a program reads its group's query heads whole.

@@ -22,6 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels_pallas.attention_mask import MASK_VALUE, MaskSpec
+from kernels_pallas.common import pad_to
 
 LANES = 128
 SUBLANES = 8
@@ -34,15 +35,6 @@ def _block(block: int, length: int) -> int:
     if block % LANES:
         raise ValueError(f"flash_attention (tpu): block {block} must be a multiple of {LANES}")
     return min(block, -(-length // LANES) * LANES)
-
-
-def _pad_to(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:
-    extra = -x.shape[axis] % multiple
-    if not extra:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths, constant_values=value)
 
 
 class _Geometry:
@@ -59,18 +51,18 @@ class _Geometry:
 
     def heads_major(self, x: jax.Array, block: int) -> jax.Array:
         """[B, T, heads, D] -> [B, heads, T_padded, D]."""
-        return _pad_to(jnp.swapaxes(x, 1, 2), 2, block)
+        return pad_to(jnp.swapaxes(x, 1, 2), 2, block)
 
     def rows(self, x: jax.Array) -> jax.Array:
         """A [B, H, Tq] f32 row statistic -> lane-broadcast [B, H, Tq_padded, 128]."""
-        x = _pad_to(x.astype(jnp.float32), 2, self.block_q)
+        x = pad_to(x.astype(jnp.float32), 2, self.block_q)
         return jnp.broadcast_to(x[..., None], (*x.shape, LANES))
 
     def segments(self, segment_ids) -> tuple[jax.Array, jax.Array]:
         """One [B, T] array (self-attention) or a (query [B, Tq], key [B, Tk]) pair of segment ids."""
         q_seg, kv_seg = segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
-        q_seg = _pad_to(q_seg.astype(jnp.int32), 1, self.block_q, value=-1)
-        kv_seg = _pad_to(kv_seg.astype(jnp.int32), 1, self.block_k, value=-1)
+        q_seg = pad_to(q_seg.astype(jnp.int32), 1, self.block_q, value=-1)
+        kv_seg = pad_to(kv_seg.astype(jnp.int32), 1, self.block_k, value=-1)
         return (
             jnp.broadcast_to(q_seg[:, :, None], (*q_seg.shape, LANES)),
             jnp.broadcast_to(kv_seg[:, None, :], (kv_seg.shape[0], SUBLANES, kv_seg.shape[1])),

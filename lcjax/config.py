@@ -188,8 +188,7 @@ class GenerateConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    model: Any
-    attention: AttentionConfig = AttentionConfig()
+    model: Any  # the `ModelConfig` subclass of `model.name` (lcjax.models.registry)
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
     eval: EvalConfig = EvalConfig()
@@ -202,7 +201,6 @@ class Config:
         """Checks every cross-field rule; raises ConfigError naming the field. Returns self for chaining."""
         for section in (self.train, self.data, self.eval, self.task, self.checkpoint, self.generate):
             section.validate()
-        self.attention.validate()
         self.mesh.validate(device_count)
         mesh = self.mesh.shape(device_count)
         batch_shards = mesh["data"] * mesh["fsdp"]
@@ -226,15 +224,8 @@ class Config:
             raise ConfigError(
                 "train.seq_len", f"={self.train.seq_len} must be divisible by mesh.sequence={mesh['sequence']}"
             )
-        if self.attention.impl == "ring" and mesh["sequence"] > 1:
-            multiple = mesh["sequence"] * (2 if self.attention.ring_layout == "zigzag" else 1)
-            if self.train.seq_len % multiple:
-                raise ConfigError(
-                    "train.seq_len",
-                    f"={self.train.seq_len} must be divisible by {multiple} for attention.impl=ring with "
-                    f"attention.ring_layout={self.attention.ring_layout} over mesh.sequence={mesh['sequence']}",
-                )
-        self.model.validate(self, mesh)
+        longest = self.train.seq_len * (2 if self.eval.jrt_prompt else 1)  # JRT-Prompt repeats the context
+        self.model.validate(mesh=mesh, seq_len=self.train.seq_len, max_len=longest)
         self._validate_tasks()
         return self
 
@@ -294,18 +285,25 @@ def _coerce(field: str, value: Any, annotation: Any) -> Any:
 
 
 def build_section(cls: type, values: dict[str, Any], prefix: str) -> Any:
-    """Builds dataclass `cls` from a plain dict, refusing unknown keys and wrong types."""
+    """Builds dataclass `cls` from a plain dict, refusing unknown keys and wrong types; a field whose type is a
+    dataclass (a model's `attention`) is a nested section."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"{prefix}.{unknown[0]}", f"unknown key; expected one of {sorted(names)}")
-    kwargs = {k: _coerce(f"{prefix}.{k}", v, hints[k]) for k, v in values.items()}
+    kwargs = {}
+    for k, v in values.items():
+        if dataclasses.is_dataclass(hints[k]):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{prefix}.{k}", f"is a section; expected a dict, got {v!r}")
+            kwargs[k] = build_section(hints[k], v, f"{prefix}.{k}")
+        else:
+            kwargs[k] = _coerce(f"{prefix}.{k}", v, hints[k])
     return cls(**kwargs)
 
 
 SECTIONS = {
-    "attention": AttentionConfig,
     "train": TrainConfig,
     "data": DataConfig,
     "eval": EvalConfig,
@@ -316,15 +314,35 @@ SECTIONS = {
 }
 
 
+def _moved_attention(values: dict[str, Any], model_values: dict[str, Any]) -> dict[str, Any]:
+    """A config written before attention settings moved into the model section (a `config.json` or checkpoint of
+    2026-12-04 or earlier) had a top-level `attention` section: it moves into `model.attention` of a model that
+    attends; for one that does not, it must be the defaults (it was ignored then)."""
+    legacy = values.get("attention")
+    if legacy is None:
+        return model_values
+    cls = registry.config_class(model_values["name"])
+    if "attention" in {f.name for f in dataclasses.fields(cls)}:
+        return {"attention": legacy, **model_values}
+    default = dataclasses.asdict(AttentionConfig())
+    changed = sorted(k for k, v in legacy.items() if k not in default or default[k] != v)
+    if changed:
+        raise ConfigError(
+            f"attention.{changed[0]}", f"model {model_values['name']} does not attend; it has no attention settings"
+        )
+    return model_values
+
+
 def from_dict(values: dict[str, Any]) -> Config:
     """Builds a Config from nested plain dicts (a ConfigDict's `to_dict()`, or a saved config.json)."""
-    unknown = sorted(set(values) - set(SECTIONS) - {"model"})
+    unknown = sorted(set(values) - set(SECTIONS) - {"model", "attention"})
     if unknown:
         raise ConfigError(unknown[0], f"unknown section; expected model or one of {sorted(SECTIONS)}")
     model_values = dict(values.get("model", {}))
     name = model_values.get("name")
     if name not in registry.names():
         raise ConfigError("model.name", f"unknown model {name!r}; expected one of {registry.names()}")
+    model_values = _moved_attention(values, model_values)
     sections = {k: build_section(cls, dict(values.get(k, {})), k) for k, cls in SECTIONS.items()}
     model = build_section(registry.config_class(name), model_values, "model")
     return Config(model=model, **sections)

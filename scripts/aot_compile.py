@@ -20,7 +20,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from lcjax.config import from_config_dict  # noqa: E402
 from lcjax.errors import ConfigError  # noqa: E402
-from lcjax.parallel.aot import GIB, compile_train_step  # noqa: E402
+from lcjax.train.aot import GIB, compile_train_step  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config and preset.", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU topology name, e.g. v5e:2x2, v5p:2x2x2, v5p:4x4x4.")

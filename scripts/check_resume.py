@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from lcjax.config import from_dict  # noqa: E402
-from lcjax.train import loop  # noqa: E402
+from lcjax.train import run as run_lib  # noqa: E402
 from lcjax.train.metrics import read_metrics  # noqa: E402
 
 _KILLS = flags.DEFINE_integer("kills", 5, "Kill/resume rounds.")
@@ -60,7 +60,7 @@ def kill_at(args: list[str], workdir: str, step: int, timeout: float = 600) -> N
 def final_params(workdir: str):
     with open(os.path.join(workdir, "config.json")) as f:
         config = from_dict(json.load(f)).validate(jax.device_count())
-    return jax.device_get(loop.restore_for_inference(config, workdir)[1])
+    return jax.device_get(run_lib.restore_for_inference(config, workdir)[1])
 
 
 def main(argv):

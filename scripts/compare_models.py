@@ -29,7 +29,7 @@ sys.path.insert(0, ROOT)
 from absl import app, flags, logging  # noqa: E402
 
 from lcjax.errors import ConfigError  # noqa: E402
-from lcjax.eval import compare  # noqa: E402
+from lcjax.experiments import compare  # noqa: E402
 from lcjax.train.metrics import quiet_library_logs  # noqa: E402
 
 _MODELS = flags.DEFINE_list("models", ["transformer:tiny"], "family:preset of every model to compare.")

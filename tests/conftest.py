@@ -90,6 +90,18 @@ def packed_batch(vocab: int = 64) -> dict:
     }
 
 
+def pattern_batch(batch_size=8, seq_len=32, seed=0) -> dict:
+    """A learnable task: from a random start, each next token is (3 * token + 1) mod 64."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    tokens = np.zeros((batch_size, seq_len + 1), np.int32)
+    tokens[:, 0] = rng.integers(0, 64, batch_size)
+    for t in range(seq_len):
+        tokens[:, t + 1] = (3 * tokens[:, t] + 1) % 64
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((batch_size, seq_len), np.float32)}
+
+
 def assert_sharded_gradients_equal_one_device(config, batch, rtol_of_max: float = 1e-5):
     """Loss and gradients of `batch` on mesh data=2,tensor=2 equal those on one device (the gradients, not an
     optimizer step: Adam's first step would amplify reduction-order noise where a gradient is tiny). Returns the

@@ -50,6 +50,10 @@ def inputs(tmp_path_factory, corpus):  # noqa: F811
 CASES = {
     "unknown key": (["--config.train.stpes=5"], "--config.train.stpes: unknown config key 'stpes'"),
     "unknown section": (["--config.optim.lr=1"], "unknown config key 'optim'"),
+    "attention outside the model": (
+        ["--config.attention.impl=pallas"],
+        "are in the model section: --config.model.attention",
+    ),
     "unknown preset": (["--config=configs/transformer.py:huge"], "unknown preset 'huge'"),
     "wrong type": (["--config.train.steps=abc"], "--config.train.steps=abc"),
     "negative batch size": (["--config.train.batch_size=-8"], "train.batch_size: must be > 0"),

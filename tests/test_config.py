@@ -6,13 +6,31 @@ from lcjax.errors import ConfigError
 from tests.conftest import make_config
 
 
-def test_presets_resolve_and_validate():
-    for preset in ("tiny", "small", "350m", "1b"):
-        config = from_config_dict(transformer_config.get_config(preset))
-        config.validate(device_count=8)
-        assert config.model.name == "transformer"
+def test_tiny_preset_fills_the_data_axis():
     tiny = from_config_dict(transformer_config.get_config("tiny"))
     assert (tiny.train.seq_len, tiny.mesh.shape(8)) == (256, {"data": 8, "fsdp": 1, "tensor": 1, "sequence": 1})
+
+
+def test_attention_settings_live_in_the_section_of_the_model_that_attends():
+    assert make_config(model={"attention": {"impl": "pallas"}}).model.attention.impl == "pallas"
+    mag = {"name": "titans", "variant": "mag", "attention": {"impl": "pallas"}}
+    assert from_dict({"model": mag}).validate(device_count=8).model.attention.impl == "pallas"
+    # a config.json written before the move (top-level `attention`) reads into the model section...
+    legacy = from_dict({"model": {"name": "transformer"}, "attention": {"impl": "pallas", "ring_layout": "striped"}})
+    assert (legacy.model.attention.impl, legacy.model.attention.ring_layout) == ("pallas", "striped")
+    # ...and is dropped for a model that does not attend when it holds the defaults (it was ignored then)
+    assert from_dict({"model": {"name": "mamba2"}, "attention": {"impl": "xla"}}).model.name == "mamba2"
+    refused = [
+        ({"model": {"name": "mamba2"}, "attention": {"impl": "pallas"}}, "attention.impl"),
+        ({"model": {"name": "xlstm", "attention": {"impl": "xla"}}}, "model.attention"),
+        ({"model": {"name": "titans", "variant": "lmm", "attention": {"impl": "pallas"}}}, "model.attention.impl"),
+        ({"model": {"name": "titans", "variant": "mac", "attention": {"impl": "pallas"}}}, "model.attention.impl"),
+        ({"model": {"name": "titans", "variant": "mag", "attention": {"impl": "cudnn"}}}, "model.attention.impl"),
+    ]
+    for values, field in refused:
+        with pytest.raises(ConfigError) as e:
+            from_dict(values).validate(device_count=8)
+        assert e.value.field == field, (values, str(e.value))
 
 
 @pytest.mark.parametrize(
@@ -44,10 +62,10 @@ def test_conversion_errors_name_the_field(values, field):
         ({"data": {"source": "s3"}}, "data.source"),
         ({"data": {"source": "text"}}, "data.path"),
         ({"mesh": {"data": -1, "fsdp": -1}}, "mesh"),
-        ({"attention": {"impl": "magic"}}, "attention.impl"),
-        ({"attention": {"impl": "ring", "ring_layout": "spiral"}}, "attention.ring_layout"),
+        ({"model": {"attention": {"impl": "magic"}}}, "model.attention.impl"),
+        ({"model": {"attention": {"impl": "ring", "ring_layout": "spiral"}}}, "model.attention.ring_layout"),
         (  # zigzag needs 2 * mesh.sequence chunks: 36 is a multiple of 4 but not of 8
-            {"attention": {"impl": "ring"}, "train": {"seq_len": 36}, "mesh": {"sequence": 4, "data": 2}},
+            {"model": {"attention": {"impl": "ring"}}, "train": {"seq_len": 36}, "mesh": {"sequence": 4, "data": 2}},
             "train.seq_len",
         ),
         ({"generate": {"top_p": 0.0}}, "generate.top_p"),

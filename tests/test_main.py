@@ -70,7 +70,7 @@ def test_train_eval_generate_resume(tmp_path):
 # `slow` (about a minute on CI's 2 cores): the ring test trains through the flash kernel by default.
 @pytest.mark.slow
 def test_pallas_attention_trains_with_the_xla_losses(tmp_path):
-    """attention.impl=pallas (the flash kernel in interpret mode on CPU) through main.py: the xla run's losses."""
+    """model.attention.impl=pallas (the flash kernel in interpret mode on CPU) through main.py: the xla run's losses."""
     losses = {}
     for impl in ("xla", "pallas"):
         workdir = tmp_path / impl
@@ -79,7 +79,7 @@ def test_pallas_attention_trains_with_the_xla_losses(tmp_path):
             "--config.train.steps=3",
             "--config.train.log_every=1",
             "--config.train.eval_every=100",
-            f"--config.attention.impl={impl}",
+            f"--config.model.attention.impl={impl}",
             f"--workdir={workdir}",
             timeout=300,
         )

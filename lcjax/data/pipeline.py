@@ -15,6 +15,7 @@ from __future__ import annotations
 import grain
 import numpy as np
 
+from lcjax.data.batch import device_fields
 from lcjax.errors import ConfigError
 
 
@@ -81,14 +82,6 @@ def iterate_from(batches: grain.MapDataset, start_step: int, num_threads: int):
     return iter(batches[start_step:].to_iter_dataset(options))
 
 
-DEVICE_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
-
-
-def _device_fields(example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Drops host-only metadata (e.g. a task's context span) so every batch field is [batch, length]."""
-    return {k: v for k, v in example.items() if k in DEVICE_KEYS}
-
-
 def example_train_batches(
     examples, *, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1
 ) -> grain.MapDataset:
@@ -100,7 +93,7 @@ def example_train_batches(
         )
     local = global_batch // process_count
     order = grain.MapDataset.range(len(examples)).shuffle(seed=seed).repeat()
-    return order[process_index::process_count].map(lambda i: _device_fields(examples[int(i)])).batch(local)
+    return order[process_index::process_count].map(lambda i: device_fields(examples[int(i)])).batch(local)
 
 
 def example_eval_batches(
@@ -111,5 +104,5 @@ def example_eval_batches(
     batches = []
     for b in range(num_batches):
         mine = range(b * global_batch, (b + 1) * global_batch)[process_index::process_count][:local]
-        batches.append(_stack([_device_fields(examples[i]) for i in mine]))
+        batches.append(_stack([device_fields(examples[i]) for i in mine]))
     return batches

@@ -96,10 +96,10 @@ def export_checkpoint(config, workdir: str, directory: str) -> tuple[str, int]:
     """Exports the latest checkpoint of the run in `workdir`; returns (directory, step). Process 0 writes."""
     import jax
 
-    from lcjax.train import loop
+    from lcjax.train.run import restore_for_inference
 
     hf.check_exportable(config.model)  # before restoring anything
-    run, params, step = loop.restore_for_inference(config, workdir)
+    run, params, step = restore_for_inference(config, workdir)
     model = run.trainer.model(jax.device_get(params))
     if jax.process_index() == 0:
         export_hf(config, model, directory)

@@ -18,6 +18,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from kernels_pallas import common as kernel_common
@@ -34,21 +35,32 @@ _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
+    """The `attention` section of a model that attends (`model.attention.impl=...`)."""
+
     impl: str = "xla"
     ring_layout: str = "zigzag"  # impl=ring: zigzag | contiguous | striped (causal load balancing)
     ring_engine: str = "auto"  # impl=ring: per-block computation, auto (pallas on TPU, else jnp) | jnp | pallas
 
-    def validate(self) -> None:
-        if self.impl not in IMPLS:
-            raise ConfigError("attention.impl", f"unknown implementation {self.impl!r}; expected one of {IMPLS}")
+    def validate(self, *, mesh: dict[str, int], seq_len: int, impls: tuple[str, ...] = IMPLS) -> None:
+        """`impls`: the implementations the model's attention offers (a model may offer fewer than `IMPLS`)."""
+        if self.impl not in impls:
+            raise ConfigError("model.attention.impl", f"={self.impl!r}; this model's attention offers {list(impls)}")
         if self.ring_layout not in ring.LAYOUTS:
             raise ConfigError(
-                "attention.ring_layout", f"unknown layout {self.ring_layout!r}; expected one of {ring.LAYOUTS}"
+                "model.attention.ring_layout", f"unknown layout {self.ring_layout!r}; expected one of {ring.LAYOUTS}"
             )
         if self.ring_engine not in ring.ENGINES:
             raise ConfigError(
-                "attention.ring_engine", f"unknown engine {self.ring_engine!r}; expected one of {ring.ENGINES}"
+                "model.attention.ring_engine", f"unknown engine {self.ring_engine!r}; expected one of {ring.ENGINES}"
             )
+        if self.impl == "ring" and mesh["sequence"] > 1:
+            multiple = mesh["sequence"] * (2 if self.ring_layout == "zigzag" else 1)
+            if seq_len % multiple:
+                raise ConfigError(
+                    "train.seq_len",
+                    f"={seq_len} must be divisible by {multiple} for model.attention.impl=ring with "
+                    f"model.attention.ring_layout={self.ring_layout} over mesh.sequence={mesh['sequence']}",
+                )
 
 
 def ring_shards(config: AttentionConfig) -> int:
@@ -57,6 +69,14 @@ def ring_shards(config: AttentionConfig) -> int:
     if config.impl != "ring" or mesh.empty:
         return 1
     return mesh.shape.get("sequence", 1)
+
+
+def ring_permutation(config: AttentionConfig, length: int) -> np.ndarray | None:
+    """The token order of ring attention's layout (device r holds block r of the permuted sequence) when it shards
+    the sequence, else None: a model permutes its inputs with `ring.to_layout` once and its hidden states back with
+    `ring.from_layout`."""
+    shards = ring_shards(config)
+    return ring.permutation(length, shards, config.ring_layout) if shards > 1 else None
 
 
 def causal_segment_mask(
@@ -101,10 +121,12 @@ def causal_attention(
     if impl == "ring":
         if ring_shards(AttentionConfig(impl="ring")) > 1:
             return _ring_per_device(q, k, v, segment_ids, scale, ring_layout, ring_engine)
-        kernel_common.say_once("attention.impl=ring needs a mesh with sequence > 1; using xla")
+        kernel_common.say_once("model.attention.impl=ring needs a mesh with sequence > 1; using xla")
         impl = "xla"
     if impl == "cudnn" and kernel_common.backend() != "gpu":
-        kernel_common.say_once(f"attention.impl=cudnn needs an NVIDIA GPU, not {kernel_common.backend()}; using xla")
+        kernel_common.say_once(
+            f"model.attention.impl=cudnn needs an NVIDIA GPU, not {kernel_common.backend()}; using xla"
+        )
         impl = "xla"
     if impl == "cudnn":
         mask = None if segment_ids is None else (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
@@ -125,7 +147,9 @@ def _flash_per_device(q, k, v, segment_ids, scale):
     if mesh.empty:
         return kernel(q, k, v, segment_ids)
     if mesh.shape.get("sequence", 1) > 1:
-        kernel_common.say_once("attention.impl=pallas gathers the sequence axis on every device (not ring attention)")
+        kernel_common.say_once(
+            "model.attention.impl=pallas gathers the sequence axis on every device (not ring attention)"
+        )
     q_spec = logical_to_spec(("batch", None, "heads", None), mesh.axis_names)
     kv_spec = logical_to_spec(("batch", None, "kv_heads", None), mesh.axis_names)
     seg_spec = logical_to_spec(("batch", None), mesh.axis_names)

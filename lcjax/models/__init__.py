@@ -5,7 +5,9 @@ from __future__ import annotations
 from flax import nnx
 
 from lcjax.models import registry
+from lcjax.models.lm import CausalLM
 
 
-def build(config, rngs: nnx.Rngs) -> nnx.Module:
-    return registry.model_class(config.model.name)(config.model, config.attention, rngs=rngs)
+def build(config, rngs: nnx.Rngs) -> CausalLM:
+    """`config`: a run `Config` (its `model` section is used)."""
+    return registry.model_class(config.model.name)(config.model, rngs=rngs)

@@ -30,17 +30,14 @@ from lcjax.layers.norms import RMSNorm
 from lcjax.layers.params import normal, ones, param
 from lcjax.layers.ssd import IMPLS as SCAN_IMPLS
 from lcjax.layers.ssd import ssd_scan
-from lcjax.layers.stack import REMAT_POLICIES, LayerStack
-from lcjax.models.common import at_logit_positions
+from lcjax.layers.stack import LayerStack
+from lcjax.models.lm import CausalLM, ModelConfig
 from lcjax.parallel.sharding import constrain
 
 
 @dataclasses.dataclass(frozen=True)
-class Mamba2Config:
+class Mamba2Config(ModelConfig):
     name: str = "mamba2"
-    vocab_size: int = 256
-    d_model: int = 128
-    num_layers: int = 4
     d_state: int = 64
     d_conv: int = 4
     expand: int = 2
@@ -48,14 +45,10 @@ class Mamba2Config:
     n_groups: int = 1
     chunk_size: int = 64
     scan_impl: str = "xla"  # the chunked SSD in XLA, or the Pallas kernel: pallas | interpret | auto
-    norm_eps: float = 1e-5
     dt_min: float = 1e-3
     dt_max: float = 0.1
     dt_floor: float = 1e-4
     init_std: float = 0.02
-    tie_embeddings: bool = True
-    scan_layers: bool = True
-    remat: str = "none"  # none | full | dots
 
     @property
     def d_inner(self) -> int:
@@ -65,13 +58,11 @@ class Mamba2Config:
     def num_heads(self) -> int:
         return self.d_inner // self.head_dim
 
-    def validate(self, config: Any, mesh: dict[str, int]) -> None:
-        del config
-        for name in ("vocab_size", "d_model", "num_layers", "d_state", "d_conv", "expand", "head_dim", "n_groups"):
+    def validate(self, *, mesh: dict[str, int], seq_len: int, max_len: int) -> None:
+        super().validate(mesh=mesh, seq_len=seq_len, max_len=max_len)
+        for name in ("d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name}", f"must be > 0, got {getattr(self, name)}")
-        if self.chunk_size <= 0:
-            raise ConfigError("model.chunk_size", f"must be > 0, got {self.chunk_size}")
         if self.scan_impl not in SCAN_IMPLS:
             raise ConfigError("model.scan_impl", f"={self.scan_impl!r}; expected one of {list(SCAN_IMPLS)}")
         if self.d_inner % self.head_dim:
@@ -82,19 +73,10 @@ class Mamba2Config:
             raise ConfigError("model.n_groups", f"={self.n_groups} must divide the {self.num_heads} heads")
         if not 0 < self.dt_min <= self.dt_max:
             raise ConfigError("model.dt_min", f"need 0 < dt_min={self.dt_min} <= dt_max={self.dt_max}")
-        tensor = mesh["tensor"]
-        if self.num_heads % tensor or self.vocab_size % tensor:
+        if self.num_heads % mesh["tensor"]:
             raise ConfigError(
-                "mesh.tensor",
-                f"={tensor} must divide the {self.num_heads} heads (expand*d_model/head_dim) and "
-                f"model.vocab_size={self.vocab_size}",
+                "mesh.tensor", f"={mesh['tensor']} must divide the {self.num_heads} heads (expand*d_model/head_dim)"
             )
-        if self.d_model % mesh["fsdp"]:
-            raise ConfigError("model.d_model", f"={self.d_model} must be divisible by mesh.fsdp={mesh['fsdp']}")
-        if mesh["sequence"] > 1:
-            raise ConfigError("mesh.sequence", "Mamba-2 is recurrent over the sequence; use mesh.sequence=1")
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError("model.remat", f"={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
 
     def flops_per_token(self, seq_len: int) -> float:
         """6 * matmul params + 3x the SSD per head and token: intra-chunk 2·Q·(N + P), state read/update 4·P·N."""
@@ -204,43 +186,29 @@ class Block(nnx.Module):
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
         self.mixer = Mixer(cfg, rngs=rngs)
 
-    def __call__(self, x, cache, *, segment_ids=None):
+    def __call__(self, x, cache, *, positions=None, segment_ids=None, index=None):
+        del positions, index  # the state carries the order
         h, cache = self.mixer(self.norm(x), cache, segment_ids)
         return constrain(x + h, ("batch", "length", "embed")), cache
 
 
-class Mamba2(nnx.Module):
-    def __init__(self, cfg: Mamba2Config, attention=None, *, rngs: nnx.Rngs):
-        del attention
-        self.cfg = cfg
-        self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), normal(cfg.init_std))
+class Mamba2(CausalLM):
+    final_norm_name = "norm_f"
+
+    def __init__(self, cfg: Mamba2Config, *, rngs: nnx.Rngs):
+        self._init_embedding(cfg, rngs, normal(cfg.init_std))
         self.layers = LayerStack(
             lambda r: Block(cfg, rngs=r), cfg.num_layers, rngs=rngs, scan=cfg.scan_layers, remat=cfg.remat
         )
-        self.norm_f = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
-        if not cfg.tie_embeddings:
-            self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), normal(cfg.init_std))
+        self._init_head(RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs), rngs, normal(cfg.init_std))
 
-    def _embed(self, tokens: jax.Array) -> jax.Array:
-        return constrain(jnp.take(self.embed[...], tokens, axis=0), ("batch", "length", "embed"))
+    def hidden(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Parallel form. batch: inputs [B, T] int32, optional segment_ids (exact resets). -> [B, T, d_model]."""
+        tokens = batch["inputs"]
+        x, _ = self.layers(self.embed_tokens(tokens, None), None, segment_ids=batch.get("segment_ids"))
+        return x, {}
 
-    def _logits(self, x: jax.Array) -> jax.Array:
-        w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-        return constrain(self.norm_f(x) @ w.astype(x.dtype), ("batch", "length", "vocab"))
-
-    def __call__(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Parallel form. batch: inputs [B, T] int32, optional segment_ids (exact resets). -> logits [B, T, V]."""
-        x, _ = self.layers(self._embed(batch["inputs"]), None, segment_ids=batch.get("segment_ids"))
-        return self._logits(at_logit_positions(x, batch)), {}
-
-    def init_cache(self, batch_size: int, max_len: int = 0, dtype: jnp.dtype = jnp.float32) -> dict[str, Any]:
-        """Per-layer SSM state and conv histories (stacked along `layers`), float32; independent of `max_len`."""
+    def layer_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype) -> dict[str, jax.Array]:
+        """SSM state and conv histories, float32; independent of `max_len` and `dtype`."""
         del max_len, dtype
-        one = nnx.eval_shape(lambda: Mixer(self.cfg, rngs=nnx.Rngs(0))).init_cache(batch_size)
-        stacked = jax.tree.map(lambda a: jnp.zeros((self.cfg.num_layers, *a.shape), jnp.float32), one)
-        return {"index": jnp.zeros((), jnp.int32), "layers": stacked}
-
-    def decode(self, tokens: jax.Array, cache: dict[str, Any]) -> tuple[jax.Array, dict[str, Any]]:
-        """Recurrent form: consumes tokens [B, n] after the cached ones; returns (logits [B, n, V], cache)."""
-        x, layers = self.layers(self._embed(tokens), cache["layers"])
-        return self._logits(x), {"index": cache["index"] + tokens.shape[1], "layers": layers}
+        return nnx.eval_shape(lambda: Mixer(self.cfg, rngs=nnx.Rngs(0))).init_cache(batch_size)

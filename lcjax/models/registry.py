@@ -22,3 +22,10 @@ def config_class(name: str) -> type:
 
 def model_class(name: str) -> type:
     return _MODELS[name][1]
+
+
+def register(name: str, config_class: type, model_class: type) -> None:
+    """Adds a model defined outside the package (a notebook's experiment, a test's throwaway model)."""
+    if name in _MODELS:
+        raise ValueError(f"model {name!r} is registered already")
+    _MODELS[name] = (config_class, model_class)

@@ -26,10 +26,9 @@ The mixing sublayer, by `model.variant`:
        of steps (docs/benchmarks.md). `mac_store="residual"` stores h + y instead (attention's output projection
        starts small, so the memory starts out as LMM's over the tokens).
 SWA is causal sliding-window attention (RoPE on the slot index, grouped-query heads) in which a token sees the
-`model.window` latest slots of its own document and the persistent prefix at any distance (Fig. 3b). It and mac's
-segment attention are the jnp (xla) core with an explicit mask, whatever `attention.impl` says; over more than
-2 `window` + N_p slots SWA runs in blocks of `window` queries (`window_attention`), so its memory and work grow as
-T · window, not T².
+`model.window` latest slots of its own document and the persistent prefix at any distance (Fig. 3b):
+`lcjax.layers.window_attention`, whose core `model.attention.impl` chooses (xla, or pallas: the flash kernel). mac's
+segment attention is the jnp (xla) core with an explicit mask.
 
 The recurrent form (`init_cache`/`decode`) carries each layer's memory state (and for mag/mal its key/value
 cache, sized N_p + max_len; for mac the segment's keys/values and the memory at the segment start); `init_cache`
@@ -49,7 +48,7 @@ from absl import logging
 from flax import nnx
 
 from lcjax.errors import ConfigError
-from lcjax.layers.attention import AttentionConfig, SelfAttention, dot_product_attention
+from lcjax.layers.attention import AttentionConfig, dot_product_attention
 from lcjax.layers.mlp import SwiGLU
 from lcjax.layers.neural_memory import GATES as MEMORY_GATES
 from lcjax.layers.neural_memory import IMPLS as MEMORY_IMPLS
@@ -57,9 +56,10 @@ from lcjax.layers.neural_memory import MOMENTA as MEMORY_MOMENTA
 from lcjax.layers.neural_memory import NeuralMemory, memory_widths
 from lcjax.layers.norms import RMSNorm
 from lcjax.layers.params import normal, param
-from lcjax.layers.stack import REMAT_POLICIES, LayerStack
-from lcjax.models.common import at_logit_positions
-from lcjax.models.titans_attention import segment_mask, window_attention, window_mask
+from lcjax.layers.stack import LayerStack
+from lcjax.layers.window_attention import IMPLS as WINDOW_IMPLS
+from lcjax.layers.window_attention import WindowAttention
+from lcjax.models.lm import CausalLM, ModelConfig
 from lcjax.parallel.sharding import constrain
 
 VARIANTS = ("lmm", "mac", "mag", "mal")
@@ -68,12 +68,9 @@ MAC_STORES = ("attention", "residual")
 
 
 @dataclasses.dataclass(frozen=True)
-class TitansConfig:
+class TitansConfig(ModelConfig):
     name: str = "titans"
     variant: str = "lmm"
-    vocab_size: int = 256
-    d_model: int = 128
-    num_layers: int = 4
     mlp_dim: int = 384
     memory_heads: int = 4
     memory_head_dim: int = 0  # 0: d_model // memory_heads
@@ -111,11 +108,11 @@ class TitansConfig:
     num_heads: int = 4
     num_kv_heads: int = 2
     rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
     init_std: float = 0.02
     embed_init_std: float = 1.0
-    scan_layers: bool = True
-    remat: str = "none"  # none | full | dots
+    # mag/mal: the window attention's core, xla | pallas (the flash kernel with a sliding window, merged with the
+    # persistent prefix by log-sum-exp); mac's segment attention is xla only; lmm does not attend.
+    attention: AttentionConfig = AttentionConfig()
 
     @property
     def resolved_head_dim(self) -> int:
@@ -125,13 +122,12 @@ class TitansConfig:
     def resolved_max_lr(self) -> float:
         return self.memory_max_lr or 1.0 / self.chunk_size
 
-    def validate(self, config: Any, mesh: dict[str, int]) -> None:
-        del config
+    def validate(self, *, mesh: dict[str, int], seq_len: int, max_len: int) -> None:
+        super().validate(mesh=mesh, seq_len=seq_len, max_len=max_len)
         if self.variant not in VARIANTS:
             raise ConfigError("model.variant", f"={self.variant!r}; expected one of {list(VARIANTS)}")
-        positive = ("vocab_size", "d_model", "num_layers", "mlp_dim", "memory_heads", "memory_depth")
-        positive += ("memory_expansion", "chunk_size", "conv_size", "window", "num_heads", "num_kv_heads", "segment")
-        for name in positive:
+        positive = ("mlp_dim", "memory_heads", "memory_depth", "memory_expansion", "chunk_size", "conv_size")
+        for name in positive + ("window", "num_heads", "num_kv_heads", "segment"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name}", f"must be > 0, got {getattr(self, name)}")
         if self.variant in ATTENTION_VARIANTS:
@@ -143,11 +139,16 @@ class TitansConfig:
                 raise ConfigError(
                     "model.num_heads", f"={self.num_heads} must divide model.d_model={self.d_model} into even heads"
                 )
-            for name in ("num_heads", "num_kv_heads"):
-                if getattr(self, name) % mesh["tensor"]:
-                    raise ConfigError(
-                        f"model.{name}", f"={getattr(self, name)} must be divisible by mesh.tensor={mesh['tensor']}"
-                    )
+            self.check_divisible("tensor", mesh, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads)
+        if self.variant == "lmm":
+            if self.attention != AttentionConfig():
+                raise ConfigError(
+                    "model.attention.impl",
+                    f"={self.attention.impl!r}: Titans lmm does not attend; leave model.attention at its defaults",
+                )
+        else:  # mac's segment attention has the xla core only
+            impls = ("xla",) if self.variant == "mac" else WINDOW_IMPLS
+            self.attention.validate(mesh=mesh, seq_len=seq_len, impls=impls)
         if self.num_persistent < 0:
             raise ConfigError("model.num_persistent", f"must be >= 0, got {self.num_persistent}")
         if not self.memory_head_dim and self.d_model % self.memory_heads:
@@ -164,17 +165,9 @@ class TitansConfig:
                 "(NaN losses) within ~100 steps on text; 1.0 trains stably (docs/benchmarks.md)",
                 self.memory_depth,
             )
-        for name in ("memory_heads", "mlp_dim", "vocab_size"):
-            if getattr(self, name) % mesh["tensor"]:
-                raise ConfigError(
-                    f"model.{name}", f"={getattr(self, name)} must be divisible by mesh.tensor={mesh['tensor']}"
-                )
-        if self.d_model % mesh["fsdp"]:
-            raise ConfigError("model.d_model", f"={self.d_model} must be divisible by mesh.fsdp={mesh['fsdp']}")
-        if mesh["sequence"] > 1:
-            raise ConfigError("mesh.sequence", "Titans' memory is sequential over the sequence; use mesh.sequence=1")
+        self.check_divisible("tensor", mesh, memory_heads=self.memory_heads, mlp_dim=self.mlp_dim)
         choices = {"memory_impl": list(MEMORY_IMPLS), "mac_store": list(MAC_STORES), "memory_gates": list(MEMORY_GATES)}
-        choices |= {"memory_momentum": list(MEMORY_MOMENTA), "remat": sorted(REMAT_POLICIES)}
+        choices |= {"memory_momentum": list(MEMORY_MOMENTA)}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name}", f"={getattr(self, name)!r}; expected one of {allowed}")
@@ -207,38 +200,20 @@ class TitansConfig:
         return 6 * matmul_params + 3 * memory + 3 * attention
 
 
-class WindowAttention(SelfAttention):
-    """Sliding-window attention with an always-visible persistent prefix (parameters as `SelfAttention`)."""
+def segment_mask(q_index, *, size: int, prefix: int, q_segments=None, k_segments=None) -> jax.Array:
+    """MAC's attention mask, [B, n, prefix + 2 size] bool, over the context P ‖ h ‖ S of one segment.
 
-    def __init__(self, cfg: TitansConfig, *, out_std: float, rngs: nnx.Rngs):
-        head_dim = cfg.d_model // cfg.num_heads
-        super().__init__(
-            cfg.d_model,
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            head_dim,
-            rope_theta=cfg.rope_theta,
-            config=AttentionConfig(),
-            init_std=cfg.init_std,
-            out_std=out_std,
-            rngs=rngs,
-        )
-        self.window = cfg.window
-        self.prefix = cfg.num_persistent
-
-    def __call__(self, x, positions, segment_ids):
-        """Parallel form; `positions` are the slot indices 0..T−1 (the model's parallel form passes them)."""
-        q, k, v = self._project(x, positions)
-        scale = self.head_dim**-0.5
-        if x.shape[1] > 2 * self.window + self.prefix:  # long: O(T · window), not O(T²), memory and work
-            return self._output(
-                window_attention(q, k, v, segment_ids, window=self.window, prefix=self.prefix, scale=scale)
-            )
-        mask = window_mask(positions, positions, segment_ids, segment_ids, window=self.window, prefix=self.prefix)
-        return self._output(dot_product_attention(q, k, v, mask, scale=scale))
-
-    def _cache_mask(self, q_slots, k_slots):  # `SelfAttention.step` writes the cache and attends with this mask
-        return window_mask(q_slots, k_slots, None, None, window=self.window, prefix=self.prefix)
+    q_index [B, n]: each query's token index i in the segment. Key slots: `prefix` persistent tokens (always
+    visible), then the retrieved vectors h_0..h_(size−1), then the tokens S_0..S_(size−1). h_j is read with token j's
+    query, so it counts as being at token j: the query i sees h_j and S_j iff j <= i (and, with segment ids
+    [B, size], only within its document)."""
+    k_index = jnp.arange(2 * size) % size
+    visible = k_index[None, None, :] <= q_index[:, :, None]
+    if q_segments is not None:
+        k_segments = jnp.concatenate([k_segments, k_segments], axis=1)
+        visible &= q_segments[:, :, None] == k_segments[:, None, :]
+    always = jnp.ones((*q_index.shape, prefix), bool)
+    return jnp.concatenate([always, visible], axis=-1)
 
 
 class Block(nnx.Module):
@@ -265,7 +240,19 @@ class Block(nnx.Module):
             momentum=cfg.memory_momentum,
         )
         if cfg.variant in ATTENTION_VARIANTS:  # mac's attention is segment-local: the window does not apply
-            self.attn = WindowAttention(cfg, out_std=out_std, rngs=rngs)
+            self.attn = WindowAttention(
+                cfg.d_model,
+                cfg.num_heads,
+                cfg.num_kv_heads,
+                cfg.d_model // cfg.num_heads,
+                window=cfg.window,
+                prefix=cfg.num_persistent,
+                rope_theta=cfg.rope_theta,
+                config=cfg.attention,
+                init_std=cfg.init_std,
+                out_std=out_std,
+                rngs=rngs,
+            )
         if cfg.variant == "mal":
             self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
         if cfg.variant in ("mag", "mac"):
@@ -419,11 +406,11 @@ class Block(nnx.Module):
         return jnp.swapaxes(y, 0, 1), jnp.swapaxes(m, 0, 1), cache
 
 
-class Titans(nnx.Module):
-    def __init__(self, cfg: TitansConfig, attention=None, *, rngs: nnx.Rngs):
-        del attention  # the attention variants use their own jnp attention (see the module docstring)
-        self.cfg = cfg
-        self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), normal(cfg.embed_init_std))
+class Titans(CausalLM):
+    scale_tied_logits = True
+
+    def __init__(self, cfg: TitansConfig, *, rngs: nnx.Rngs):
+        self._init_embedding(cfg, rngs, normal(cfg.embed_init_std))
         # mac keeps its persistent tokens in every layer (prepended to each segment's attention context)
         self.prefix = 0 if cfg.variant == "mac" else cfg.num_persistent
         if self.prefix:
@@ -431,10 +418,7 @@ class Titans(nnx.Module):
         self.layers = LayerStack(
             lambda r: Block(cfg, rngs=r), cfg.num_layers, rngs=rngs, scan=cfg.scan_layers, remat=cfg.remat
         )
-        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
-
-    def _embed(self, tokens: jax.Array) -> jax.Array:
-        return constrain(jnp.take(self.embed[...], tokens, axis=0), ("batch", "length", "embed"))
+        self._init_head(RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs), rngs, normal(cfg.init_std))
 
     def _with_persistent(self, x: jax.Array) -> jax.Array:
         if not self.prefix:
@@ -442,22 +426,18 @@ class Titans(nnx.Module):
         prefix = jnp.broadcast_to(self.persistent[...].astype(x.dtype), (x.shape[0], *self.persistent.shape))
         return jnp.concatenate([prefix, x], axis=1)
 
-    def _logits(self, x: jax.Array) -> jax.Array:
-        logits = (self.final_norm(x) @ self.embed[...].T) * self.cfg.d_model**-0.5
-        return constrain(logits, ("batch", "length", "vocab"))
-
-    def __call__(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Parallel form. batch: inputs [B, T] int32, optional segment_ids. -> logits [B, T, V]. Positions are the
-        slot indices of P ‖ tokens (`batch["positions"]` is not used)."""
+    def hidden(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Parallel form. batch: inputs [B, T] int32, optional segment_ids. -> hidden [B, T, d_model] at the token
+        positions. Positions are the slot indices of P ‖ tokens (`batch["positions"]` is not used)."""
         tokens = batch["inputs"]
         segment_ids = batch.get("segment_ids")
         prefix = self.prefix
         if segment_ids is not None and prefix:  # the persistent tokens belong to the first document of the row
             segment_ids = jnp.concatenate([jnp.repeat(segment_ids[:, :1], prefix, axis=1), segment_ids], axis=1)
-        x = self._with_persistent(self._embed(tokens))
+        x = self._with_persistent(self.embed_tokens(tokens, None))
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
         x, _ = self.layers(x, None, segment_ids=segment_ids, positions=positions)
-        return self._logits(at_logit_positions(x[:, prefix:], batch)), {}
+        return x[:, prefix:], {}
 
     def init_cache(self, batch_size: int, max_len: int = 0, dtype: jnp.dtype = jnp.float32) -> dict[str, Any]:
         """Per-layer memory state (stacked along `layers`) after the persistent tokens; for mag/mal a key/value
@@ -485,16 +465,5 @@ class Titans(nnx.Module):
         cache = {"index": jnp.zeros((), jnp.int32), "layers": layers}
         if self.prefix:
             empty = jnp.zeros((batch_size, 0, cfg.d_model), self.embed[...].dtype)
-            cache = self._decode_embedded(self._with_persistent(empty), cache)[1]
+            cache = self.decode_embedded(self._with_persistent(empty), cache)[1]
         return cache
-
-    def _decode_embedded(self, x, cache):
-        index = cache["index"]
-        positions = jnp.broadcast_to(index + jnp.arange(x.shape[1]), x.shape[:2])
-        x, layers = self.layers(x, cache["layers"], positions=positions, index=index)
-        return x, {"index": index + x.shape[1], "layers": layers}
-
-    def decode(self, tokens: jax.Array, cache: dict[str, Any]) -> tuple[jax.Array, dict[str, Any]]:
-        """Recurrent form: consumes tokens [B, n] after the cached ones; returns (logits [B, n, V], cache)."""
-        x, cache = self._decode_embedded(self._embed(tokens), cache)
-        return self._logits(x), cache

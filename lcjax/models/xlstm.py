@@ -37,8 +37,8 @@ from lcjax.layers.mlstm import IMPLS as CELL_IMPLS
 from lcjax.layers.norms import RMSNorm
 from lcjax.layers.params import normal, ones, param
 from lcjax.layers.slstm import slstm_scan
-from lcjax.layers.stack import REMAT_POLICIES, LayerStack
-from lcjax.models.common import at_logit_positions
+from lcjax.layers.stack import LayerStack
+from lcjax.models.lm import CausalLM, ModelConfig
 from lcjax.parallel.sharding import constrain
 
 VARIANTS = ("large", "neurips")
@@ -49,11 +49,9 @@ def round_up(x: float, multiple: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class XLSTMConfig:
+class XLSTMConfig(ModelConfig):
     name: str = "xlstm"
     variant: str = "large"  # large (xLSTM-7B block) | neurips (xLSTM[a:b] block stacks)
-    vocab_size: int = 256
-    d_model: int = 128
     num_layers: int = 2  # blocks
     num_heads: int = 4
     # large
@@ -62,7 +60,7 @@ class XLSTMConfig:
     ffn_proj_factor: float = 2.667  # SwiGLU width round_up(D * factor, ffn_multiple) (transformers' 2.667)
     ffn_multiple: int = 64
     gate_soft_cap: float = 15.0  # 0: no cap
-    logit_soft_cap: float = 30.0  # 0: no cap
+    logit_soft_cap: float = 30.0  # the large variant's; 0: no cap
     igate_bias_init: float = -10.0
     # neurips
     pattern: str = "m"  # the repeating group of blocks: m mLSTM, s sLSTM ("mmmmmmms": xLSTM[7:1])
@@ -77,8 +75,6 @@ class XLSTMConfig:
     cell_impl: str = "xla"  # the chunkwise form in XLA, or the Pallas kernel: pallas | interpret | auto
     chunk_size: int = 64
     tie_embeddings: bool = False
-    scan_layers: bool = True
-    remat: str = "none"  # none | full | dots
 
     @property
     def qk_dim(self) -> int:
@@ -100,11 +96,11 @@ class XLSTMConfig:
     def slstm_ffn_dim(self) -> int:
         return round_up(self.d_model * self.slstm_ffn_factor, 64)
 
-    def validate(self, config: Any, mesh: dict[str, int]) -> None:
-        del config
+    def validate(self, *, mesh: dict[str, int], seq_len: int, max_len: int) -> None:
+        super().validate(mesh=mesh, seq_len=seq_len, max_len=max_len)
         if self.variant not in VARIANTS:
             raise ConfigError("model.variant", f"={self.variant!r}; expected one of {list(VARIANTS)}")
-        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "chunk_size", "conv_size", "qkv_block"):
+        for name in ("num_heads", "chunk_size", "conv_size", "qkv_block"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name}", f"must be > 0, got {getattr(self, name)}")
         if not self.pattern or set(self.pattern) - {"m", "s"}:
@@ -139,20 +135,8 @@ class XLSTMConfig:
             raise ConfigError(
                 "model.cell_impl", f"={self.cell_impl!r} needs model.cell_form='chunkwise', got {self.cell_form!r}"
             )
-        tensor = mesh["tensor"]
-        widths = {"num_heads": heads, "vocab_size": self.vocab_size}
-        widths["ffn_proj_factor" if self.variant == "large" else "slstm_ffn_factor"] = (
-            self.ffn_dim if self.variant == "large" else self.slstm_ffn_dim
-        )
-        for name, width in widths.items():
-            if width % tensor:
-                raise ConfigError(f"model.{name}", f"gives {width}, which must be divisible by mesh.tensor={tensor}")
-        if self.d_model % mesh["fsdp"]:
-            raise ConfigError("model.d_model", f"={self.d_model} must be divisible by mesh.fsdp={mesh['fsdp']}")
-        if mesh["sequence"] > 1:
-            raise ConfigError("mesh.sequence", "xLSTM is recurrent over the sequence; use mesh.sequence=1")
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError("model.remat", f"={self.remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+        ffn = ("ffn_proj_factor", self.ffn_dim) if self.variant == "large" else ("slstm_ffn_factor", self.slstm_ffn_dim)
+        self.check_divisible("tensor", mesh, num_heads=heads, **dict([ffn]))
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (an estimate): 6 * matmul params, plus 3x the cell's chunkwise work per head:
@@ -293,7 +277,8 @@ class LargeBlock(nnx.Module):
             d, cfg.ffn_dim, init_std=math.sqrt(2 / (5 * d)), out_std=2 / (cfg.num_layers * math.sqrt(d)), rngs=rngs
         )
 
-    def __call__(self, x, cache, *, segment_ids=None):
+    def __call__(self, x, cache, *, positions=None, segment_ids=None, index=None):
+        del positions, index  # the state carries the order
         h, cell = self.mlstm(self.norm_mlstm(x), None if cache is None else cache["cell"], segment_ids)
         x = x + h
         x = x + self.ffn(self.norm_ffn(x))
@@ -432,19 +417,20 @@ class Group(nnx.Module):
     def init_cache(self, batch: int) -> dict[str, Any]:
         return {name: getattr(self, name).init_cache(batch) for name in self.names}
 
-    def __call__(self, x, cache, *, segment_ids=None):
+    def __call__(self, x, cache, *, positions=None, segment_ids=None, index=None):
+        del positions, index  # the state carries the order
         new = {}
         for name in self.names:
             x, new[name] = getattr(self, name)(x, None if cache is None else cache[name], segment_ids=segment_ids)
         return x, None if cache is None else new
 
 
-class XLSTM(nnx.Module):
-    def __init__(self, cfg: XLSTMConfig, attention=None, *, rngs: nnx.Rngs):
-        del attention
-        self.cfg = cfg
+class XLSTM(CausalLM):
+    final_norm_name = "out_norm"
+
+    def __init__(self, cfg: XLSTMConfig, *, rngs: nnx.Rngs):
         d = cfg.d_model
-        self.embed = param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), _small(d))
+        self._init_embedding(cfg, rngs, _small(d))
         large = cfg.variant == "large"
         units = cfg.num_layers // len(cfg.pattern)
         make = (lambda r: LargeBlock(cfg, rngs=r)) if large else (lambda r: Group(cfg, rngs=r))
@@ -459,49 +445,27 @@ class XLSTM(nnx.Module):
                     [slstm_forget_bias(dh, u * len(cfg.pattern) + j, cfg.num_layers) for u in range(units)]
                 )
                 bias[...] = bias[...].at[:, 1].set(jnp.broadcast_to(per_unit[:, None], bias[...][:, 1].shape))
-        self.out_norm = (
-            RMSNorm(d, eps=cfg.norm_eps, rngs=rngs) if large else OffsetLayerNorm(d, eps=cfg.norm_eps, rngs=rngs)
-        )
-        if not cfg.tie_embeddings:
-            self.lm_head = param(rngs, (d, cfg.vocab_size), ("embed", "vocab"), _small(d))
+        norm = RMSNorm(d, eps=cfg.norm_eps, rngs=rngs) if large else OffsetLayerNorm(d, eps=cfg.norm_eps, rngs=rngs)
+        self._init_head(norm, rngs, _small(d))
 
-    def _embed(self, tokens: jax.Array) -> jax.Array:
-        return constrain(jnp.take(self.embed[...], tokens, axis=0), ("batch", "length", "embed"))
+    def hidden(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Parallel form. batch: inputs [B, T] int32, optional segment_ids (exact resets). -> [B, T, d_model]."""
+        x, _ = self.layers(self.embed_tokens(batch["inputs"], None), None, segment_ids=batch.get("segment_ids"))
+        return x, {}
 
-    def _logits(self, x: jax.Array) -> jax.Array:
-        x = self.out_norm(x)
-        w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-        logits = _cap((x @ w.astype(x.dtype)).astype(jnp.float32), self.cfg.logit_soft_cap)
-        return constrain(logits, ("batch", "length", "vocab"))
-
-    def __call__(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Parallel form. batch: inputs [B, T] int32, optional segment_ids (exact resets). -> logits [B, T, V]."""
-        x, _ = self.layers(self._embed(batch["inputs"]), None, segment_ids=batch.get("segment_ids"))
-        return self._logits(at_logit_positions(x, batch)), {}
-
-    def init_cache(self, batch_size: int, max_len: int = 0, dtype: jnp.dtype = jnp.float32) -> dict[str, Any]:
-        """Every block's state (stacked along `layers`): the mLSTM (C̄, n̄, m), the sLSTM (y, c, n, m) and the conv
-        histories, float32. Its size does not depend on `max_len` (accepted for the protocol)."""
+    def layer_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype) -> dict[str, Any]:
+        """One unit's state: the mLSTM (C̄, n̄, m), the sLSTM (y, c, n, m) and the conv histories, float32; its size
+        does not depend on `max_len` or `dtype`."""
         del max_len, dtype
-        cfg, blocks = self.cfg, self.layers.blocks
-        units = cfg.num_layers // len(cfg.pattern)
+        cfg = self.cfg
         if cfg.variant == "large":
             heads = cfg.num_heads
             dqk, dv = cfg.qk_dim // heads, cfg.v_dim // heads
-            one = {
+            return {
                 "cell": (
                     jnp.zeros((batch_size, heads, dqk, dv)),
                     jnp.zeros((batch_size, heads, dqk)),
                     jnp.zeros((batch_size, heads)),
                 )
             }
-        else:
-            one = nnx.eval_shape(lambda: Group(cfg, rngs=nnx.Rngs(0))).init_cache(batch_size)
-            del blocks
-        stacked = jax.tree.map(lambda a: jnp.zeros((units, *a.shape), jnp.float32), one)
-        return {"index": jnp.zeros((), jnp.int32), "layers": stacked}
-
-    def decode(self, tokens: jax.Array, cache: dict[str, Any]) -> tuple[jax.Array, dict[str, Any]]:
-        """Recurrent form: consumes tokens [B, n] after the cached ones; returns (logits [B, n, V], cache)."""
-        x, layers = self.layers(self._embed(tokens), cache["layers"])
-        return self._logits(x), {"index": cache["index"] + tokens.shape[1], "layers": layers}
+        return nnx.eval_shape(lambda: Group(cfg, rngs=nnx.Rngs(0))).init_cache(batch_size)

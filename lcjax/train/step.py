@@ -23,12 +23,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lcjax import models
+from lcjax.data.batch import model_inputs
 from lcjax.errors import ConfigError
 from lcjax.layers.params import logical_axes
+from lcjax.models.lm import CausalLM
 from lcjax.parallel.sharding import constrain, named_sharding
 from lcjax.train.optimizer import decay_mask_from_axes, learning_rate_schedule, make_optimizer
 
-MODEL_INPUT_KEYS = ("inputs", "positions", "segment_ids", "prefix_mask", "logit_positions")
 BATCH_AXES = ("batch", "length")
 
 
@@ -40,22 +41,26 @@ def token_losses(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Ar
     return log_z - target_logit, log_z
 
 
-def model_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    return {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+def lm_logits(model: CausalLM, batch: dict[str, jax.Array], logit_positions: jax.Array | None = None):
+    """(logits, aux) of `model` on `batch`: the backbone's hidden states, taken at `logit_positions` [B, K] when
+    given ([B, K, V] logits), through the model's head. The one place the train and eval steps apply a head."""
+    h, aux = model.hidden(model_inputs(batch))
+    if logit_positions is not None:
+        h = jnp.take_along_axis(h, logit_positions[..., None], axis=1)
+    return model.head(h), aux
 
 
-def at_labels(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
-    """`train.sparse_logits = n`: the batch with `logit_positions` [B, n], each row's labelled (`loss_mask`)
-    positions in order and then unlabelled ones, and `targets`/`loss_mask` taken there. The models project to the
-    vocabulary only at those positions; the loss is unchanged as long as no row has more than n labels
-    (`check_sparse_logits`)."""
+def at_labels(batch: dict[str, jax.Array], n: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`train.sparse_logits = n`: (positions [B, n], each row's labelled (`loss_mask`) positions in order and then
+    unlabelled ones; the batch with `targets`/`loss_mask` taken there). The head then runs only at those positions;
+    the loss is unchanged as long as no row has more than n labels (`check_sparse_logits`)."""
     unlabelled = batch["loss_mask"] <= 0
     index = jnp.argsort(unlabelled, axis=1, stable=True)[:, :n].astype(jnp.int32)
 
     def take(a):
         return jnp.take_along_axis(a, index, axis=1)
 
-    return {**batch, "logit_positions": index, "targets": take(batch["targets"]), "loss_mask": take(batch["loss_mask"])}
+    return index, {**batch, "targets": take(batch["targets"]), "loss_mask": take(batch["loss_mask"])}
 
 
 def check_sparse_logits(local_batch: dict[str, Any], n: int) -> None:
@@ -125,7 +130,7 @@ class Trainer:
         with jax.set_mesh(self.mesh):
             return jax.jit(self._init, out_shardings=self.state_shardings)(jax.random.key(seed))
 
-    def model(self, params: Any) -> nnx.Module:
+    def model(self, params: Any) -> CausalLM:
         return nnx.merge(self.graphdef, params)
 
     # -- steps ---------------------------------------------------------------------------------------------
@@ -136,9 +141,10 @@ class Trainer:
 
     def _objective(self, params: Any, batch: dict[str, jax.Array], total_tokens: jax.Array, num_micro: int):
         """This (micro-)batch's share of the batch objective, and its metric sums."""
+        positions = None
         if self.config.train.sparse_logits:
-            batch = at_labels(batch, self.config.train.sparse_logits)
-        logits, aux = self.model(self._compute_params(params))(model_inputs(batch))
+            positions, batch = at_labels(batch, self.config.train.sparse_logits)
+        logits, aux = lm_logits(self.model(self._compute_params(params)), batch, positions)
         nll, log_z = token_losses(logits, batch)
         mask = batch["loss_mask"].astype(jnp.float32)
         nll_sum = (nll * mask).sum()
@@ -202,7 +208,7 @@ class Trainer:
         return new_state, metrics
 
     def _eval_step(self, params: Any, batch: dict[str, jax.Array]):
-        logits, _ = self.model(self._compute_params(params))(model_inputs(batch))
+        logits, _ = lm_logits(self.model(self._compute_params(params)), batch)
         return eval_sums(logits, batch)
 
     def jit_train_step(self) -> Callable:

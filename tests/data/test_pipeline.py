@@ -191,3 +191,53 @@ def test_moving_a_data_set_keeps_its_split(tmp_path):
     for split in sources.SPLITS:
         np.testing.assert_array_equal(load("a", split), load("b/deeper", split))
     assert 0 < len(load("a", "eval")) < len(load("a", "train"))
+
+
+class _WithPrefix:
+    """A data transform in the way Birdie's and JRT's objectives are: it adds `prefix_mask` (the first 3 positions
+    of each example) and a host-only field beside the example's own fields."""
+
+    def __init__(self, examples):
+        self.examples = examples
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        prefix = (np.arange(8) < 3).astype(np.int32)
+        return {**self.examples[i], "prefix_mask": prefix, "context_span": np.array([0, 3])}
+
+
+def test_prefix_mask_travels_from_a_data_transform_to_the_model():
+    """The batch schema (`lcjax.data.batch`): a `prefix_mask` made by a transform reaches the model through the
+    pipeline, the device batch and the train step's loss (the probe model adds a learned vector where it is 1);
+    host-only fields stay behind."""
+    import jax
+
+    from lcjax.config import from_dict
+    from lcjax.parallel.mesh import make_mesh
+    from lcjax.train.step import Trainer
+    from tests.models.probe import registered
+
+    rng = np.random.default_rng(0)
+    plain = [
+        {
+            "inputs": rng.integers(0, 64, 8).astype(np.int32),
+            "targets": rng.integers(0, 64, 8).astype(np.int32),
+            "segment_ids": np.ones(8, np.int32),
+            "positions": np.arange(8, dtype=np.int32),
+            "loss_mask": np.ones(8, np.float32),
+        }
+        for _ in range(8)
+    ]
+    batch = pipeline.example_train_batches(_WithPrefix(plain), global_batch=4, seed=0)[0]
+    assert "prefix_mask" in batch and "context_span" not in batch
+    with registered():
+        config = from_dict({"model": {"name": "probe"}, "train": {"batch_size": 4, "seq_len": 8}})
+        trainer = Trainer.create(
+            config, make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1}, jax.devices()[:1])
+        )
+        params = trainer.init_state(0)["params"]
+        loss = lambda b: float(jax.jit(trainer._loss)(params, trainer.device_batch(b))[0])
+        without = {k: v for k, v in batch.items() if k != "prefix_mask"}
+        assert abs(loss(batch) - loss(without)) > 1e-3

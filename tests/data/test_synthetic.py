@@ -207,7 +207,7 @@ def test_context_loss_applies_to_training_only_and_is_checked():
 
     from lcjax.config import TaskConfig
     from lcjax.data.synthetic import ContextLoss
-    from lcjax.train import loop
+    from lcjax.train import run as run_lib
 
     with pytest.raises(ConfigError) as e:
         TaskConfig(context_loss=1.5).validate()
@@ -219,7 +219,7 @@ def test_context_loss_applies_to_training_only_and_is_checked():
         eval=types.SimpleNamespace(num_batches=1, batch_size=2),
     )
     run = types.SimpleNamespace(config=config, tokenizer=ByteTokenizer())
-    train, held_out = loop.task_examples(run, "passkey", "train"), loop.task_examples(run, "passkey", "eval")
+    train, held_out = run_lib.task_examples(run, "passkey", "train"), run_lib.task_examples(run, "passkey", "eval")
     assert isinstance(train, ContextLoss) and not isinstance(held_out, ContextLoss)
     assert np.isclose(train[0]["loss_mask"].sum(), 0.1 * (128 - 5) + 5)  # 5 answer digits at weight 1
     assert held_out[0]["loss_mask"].sum() == 5
@@ -229,7 +229,7 @@ def test_random_depth_draws_each_needle_depth_and_trains_only():
     import types
 
     from lcjax.config import TaskConfig, from_dict
-    from lcjax.train import loop
+    from lcjax.train import run as run_lib
 
     fixed = Passkey(ByteTokenizer(), seq_len=256, depth=0.5, num_examples=64, seed=3)
     drawn = Passkey(ByteTokenizer(), seq_len=256, depth=0.5, num_examples=64, seed=3, random_depth=True)
@@ -249,8 +249,8 @@ def test_random_depth_draws_each_needle_depth_and_trains_only():
         eval=types.SimpleNamespace(num_batches=1, batch_size=2),
     )
     run = types.SimpleNamespace(config=config, tokenizer=ByteTokenizer())
-    assert loop.task_examples(run, "passkey", "train").random_depth
-    assert not loop.task_examples(run, "passkey", "eval").random_depth
+    assert run_lib.task_examples(run, "passkey", "train").random_depth
+    assert not run_lib.task_examples(run, "passkey", "eval").random_depth
     with pytest.raises(ConfigError) as e:
         make_task("mqar", TaskConfig(), tokenizer=ByteTokenizer(), vocab_size=512, seq_len=64, num_examples=1, seed=0,
                   random_depth=True)  # fmt: skip

@@ -38,7 +38,7 @@ def _packed_batch(batch_size=4, seq_len=48, seed=0):
 def _train_step(impl, mesh_sizes):
     sizes = {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1, **mesh_sizes}
     mesh = make_mesh(sizes, devices=jax.devices()[: int(np.prod(list(sizes.values())))])
-    config = make_config(attention={"impl": impl}, train={"batch_size": 4, "seq_len": 48, "warmup_steps": 0})
+    config = make_config(model={"attention": {"impl": impl}}, train={"batch_size": 4, "seq_len": 48, "warmup_steps": 0})
     trainer = Trainer.create(config, mesh)
     state, metrics = trainer.jit_train_step()(trainer.init_state(0), trainer.device_batch(_packed_batch()))
     return jax.device_get(state["params"]), float(metrics["loss"])

@@ -82,38 +82,6 @@ def test_causal_and_the_memory_carries_context():
     assert float(jnp.max(jnp.abs(_forward(model, c)[:, 11] - la[:, 11]))) > 1e-4
 
 
-def test_window_mask_is_the_window_plus_the_persistent_prefix():
-    slots = jnp.arange(10)[None]
-    segments = jnp.array([[1, 1, 1, 1, 1, 1, 2, 2, 2, 2]])
-    mask = np.asarray(titans.window_mask(slots, slots, segments, segments, window=3, prefix=2))[0]
-    for i in range(10):
-        for j in range(10):
-            want = j <= i and (j < 2 or (i - j < 3 and segments[0, i] == segments[0, j]))
-            assert mask[i, j] == want, (i, j)
-
-
-@pytest.mark.parametrize(
-    "length,window,prefix,packed",
-    [(23, 4, 0, False), (23, 4, 2, True), (24, 3, 7, True), (9, 2, 1, False), (17, 16, 3, True)],
-)
-def test_blocked_window_attention_equals_the_dense_mask(length, window, prefix, packed):
-    """The long-sequence path (blocks of `window` queries over the two blocks of keys they can reach, plus the
-    persistent slots before them) == dense attention under `window_mask`: T not a multiple of the window, a prefix
-    longer than the window, documents starting inside blocks, grouped-query heads. (The core's logits are float32
-    whatever the inputs, so the two sums agree to rounding: a key missed or counted twice moves outputs by ~0.1.)"""
-    keys = jax.random.split(jax.random.key(3), 3)
-    q = jax.random.normal(keys[0], (2, length, 4, 8))
-    k, v = (jax.random.normal(key, (2, length, 2, 8)) for key in keys[1:])
-    segments = None
-    if packed:
-        segments = jnp.cumsum(jax.random.bernoulli(jax.random.key(4), 0.15, (2, length)), axis=1)
-    slots = jnp.broadcast_to(jnp.arange(length), (2, length))
-    mask = titans.window_mask(slots, slots, segments, segments, window=window, prefix=prefix)
-    dense = titans.dot_product_attention(q, k, v, mask, scale=0.3)
-    blocked = titans.window_attention(q, k, v, segments, window=window, prefix=prefix, scale=0.3)
-    np.testing.assert_allclose(blocked, dense, atol=2e-6, rtol=0)
-
-
 def test_long_window_attention_is_linear_in_length():
     """At 8k tokens the blocked path's largest buffer is O(T · window): the dense mask's [B, H, T, T] logits would be
     2 GiB here, the blocked path stays under 64 MiB."""
@@ -219,8 +187,9 @@ def test_bfloat16_parameters_keep_the_memory_in_float32():
     np.testing.assert_allclose(logits_bf16.astype(jnp.float32), _forward(model, tokens), atol=0.15, rtol=0)
 
 
-# mag/mal compile two more sharded steps (about 1 min each on the 2-core CI machine): `slow`, run with -m slow.
-@pytest.mark.parametrize("variant", ["lmm", *(pytest.param(v, marks=pytest.mark.slow) for v in ("mac", "mag", "mal"))])
+# mag runs in the protocol test; mac/mal compile two more sharded steps (about 1 min each on the 2-core CI machine):
+# `slow`, run with -m slow.
+@pytest.mark.parametrize("variant", ["lmm", *(pytest.param(v, marks=pytest.mark.slow) for v in ("mac", "mal"))])
 def test_loss_and_gradients_on_data_2_tensor_2_equal_one_device(variant):
     # Loss and gradients, not parameters after an Adam step: Adam's first step is about lr per element wherever the
     # gradient is tiny, which turns reduction-order noise into differences of lr * 1e-3 (mal, lmm and mag each had
@@ -243,8 +212,8 @@ def test_memory_kernel_runs_per_device_shard():
     assert_sharded_gradients_equal_one_device(config, packed_batch())
 
 
-def test_parameter_names_and_axes_are_pinned():
-    """Parameter paths, shapes and logical axes are the checkpoint format: changing them is a breaking change."""
+def test_deep_memory_parameter_names_and_axes_are_pinned():
+    """A depth-2 memory's names (the protocol test pins the default model's): the checkpoint format."""
     model = _model(memory_depth=2, memory_expansion=2)
     shapes = jax.tree.map(lambda a: a.shape, nnx.to_pure_dict(nnx.state(model)))
     assert shapes == {
@@ -274,17 +243,12 @@ def test_parameter_names_and_axes_are_pinned():
     assert axes["w_qkv"] == ("layers", "embed", None, "heads", "head_dim")
 
 
-def test_every_preset_resolves_validates_and_builds():
+def test_every_variant_has_tiny_and_small_presets():
     import configs.titans as titans_config
-    from lcjax.config import from_config_dict
 
     assert sorted(titans_config.PRESETS) == sorted(f"{v}-{s}" for v in titans.VARIANTS for s in ("tiny", "small"))
-    for preset in titans_config.PRESETS:
-        config = from_config_dict(titans_config.get_config(preset))
-        config.validate(device_count=8)
-        assert config.model.variant == preset.split("-")[0]
-        shapes = nnx.eval_shape(lambda config=config: models.build(config, nnx.Rngs(0)))  # no compute: shapes only
-        assert nnx.state(shapes, nnx.Param)
+    for preset, values in titans_config.PRESETS.items():
+        assert values["model"]["variant"] == preset.split("-")[0]
 
 
 def test_mac_keeps_its_persistent_tokens_per_layer():
@@ -382,3 +346,16 @@ def test_mac_document_on_a_segment_and_chunk_boundary_equals_it_alone():
     packed = _packed_forward(model, tokens, jnp.asarray([[1] * 8 + [2] * 4] * 2))
     np.testing.assert_allclose(packed[:, 8:], _forward(model, tokens[:, 8:]), atol=2e-5, rtol=0)
     np.testing.assert_allclose(packed[:, :8], _forward(model, tokens[:, :8]), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["mag", "mal"])
+def test_window_attention_runs_the_flash_kernel_when_model_attention_impl_is_pallas(variant):
+    """model.attention.impl=pallas reaches the window attention (the flash kernel, interpret mode on CPU): a Pallas
+    call in the program, and the xla logits (window 4 < 11 tokens + 2 persistent slots, packed documents)."""
+    tokens = _tokens((2, 11))
+    batch = {"inputs": tokens, "segment_ids": jnp.array([[1] * 6 + [2] * 5, [1] * 11])}
+    forward = lambda model: nnx.jit(lambda model, batch: model(batch)[0])(model, batch)
+    xla, pallas = (_model(variant=variant, window=4, attention={"impl": impl}) for impl in ("xla", "pallas"))
+    jaxpr = lambda model: str(jax.make_jaxpr(lambda b: model(b)[0])(batch))
+    assert "pallas_call" in jaxpr(pallas) and "pallas_call" not in jaxpr(xla)
+    np.testing.assert_allclose(forward(pallas), forward(xla), atol=2e-5, rtol=0)

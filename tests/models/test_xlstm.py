@@ -38,7 +38,6 @@ def _tokens(shape, seed=1):
 @pytest.mark.parametrize(
     "overrides,pieces",
     [
-        ({}, [1] * 11),
         ({"cell_form": "parallel"}, [3, 8]),  # prefill pieces continue the state in the chunkwise form
         pytest.param(NEURIPS, [4, 7], marks=pytest.mark.slow),  # about a minute on CI's 2 cores
     ],
@@ -58,10 +57,10 @@ def test_decode_matches_parallel(overrides, pieces):
     assert int(cache["index"]) == 11
 
 
-# The NeurIPS layout (sLSTM blocks too) is `slow` (about 45 s on CI's 2 cores).
-@pytest.mark.parametrize("overrides", [{}, pytest.param(NEURIPS, marks=pytest.mark.slow)])
-def test_packed_documents_are_isolated_and_later_tokens_never_change_earlier_logits(overrides):
-    model = _model(**overrides)
+# The NeurIPS layout (sLSTM blocks too) is `slow` (about 45 s on CI's 2 cores); the protocol test checks the large one.
+@pytest.mark.slow
+def test_neurips_packed_documents_are_isolated_and_later_tokens_never_change_earlier_logits():
+    model = _model(**NEURIPS)
     tokens = _tokens((2, 12))
     segments = jnp.array([[1] * 5 + [2] * 7, [3] * 12])
     packed = _forward(model, {"inputs": tokens, "segment_ids": segments})
@@ -105,32 +104,8 @@ def test_slstm_forget_bias_is_the_block_dependent_power_law():
         np.testing.assert_array_equal(bias[unit, 0], 0.0)
 
 
-def test_parameter_names_and_axes_are_pinned():
-    shapes = jax.tree.map(lambda a: a.shape, nnx.to_pure_dict(nnx.state(models.build(_config(), nnx.Rngs(0)))))
-    assert shapes == {
-        "embed": (64, 32),
-        "lm_head": (32, 64),
-        "out_norm": {"scale": (32,)},
-        "layers": {
-            "blocks": {
-                "norm_mlstm": {"scale": (2, 32)},
-                "mlstm": {
-                    "w_q": (2, 32, 2, 8),
-                    "w_k": (2, 32, 2, 8),
-                    "w_v": (2, 32, 2, 16),
-                    "w_o": (2, 32, 2, 16),
-                    "w_i": (2, 32, 2),
-                    "w_f": (2, 32, 2),
-                    "b_i": (2, 2),
-                    "b_f": (2, 2),
-                    "norm": (2, 2, 16),
-                    "w_out": (2, 2, 16, 32),
-                },
-                "norm_ffn": {"scale": (2, 32)},
-                "ffn": {"w_gate": (2, 32, 128), "w_up": (2, 32, 128), "w_down": (2, 128, 32)},
-            }
-        },
-    }
+def test_neurips_parameter_names_and_axes_are_pinned():
+    """The NeurIPS stacks' names (the protocol test pins the large variant's)."""
     neurips = models.build(_config(NEURIPS), nnx.Rngs(0))
     blocks = jax.tree.map(lambda a: a.shape, nnx.to_pure_dict(nnx.state(neurips)))["layers"]["blocks"]
     assert set(blocks) == {"m0", "s1"}
@@ -141,16 +116,11 @@ def test_parameter_names_and_axes_are_pinned():
     assert axes["s1"]["w_gate"] == ("layers", "embed", "mlp")
 
 
-def test_every_preset_resolves_validates_and_builds():
+def test_presets_have_the_reference_widths():
     import configs.xlstm as xlstm_config
     from lcjax.config import from_config_dict
 
     assert sorted(xlstm_config.PRESETS) == ["7-1-tiny", "7b", "large-tiny", "small"]
-    for preset in xlstm_config.PRESETS:
-        config = from_config_dict(xlstm_config.get_config(preset))
-        config.validate(device_count=8)
-        shapes = nnx.eval_shape(lambda config=config: models.build(config, nnx.Rngs(0)))
-        assert nnx.state(shapes, nnx.Param)
     config = from_config_dict(xlstm_config.get_config("7b")).model
     assert (config.qk_dim, config.v_dim, config.ffn_dim) == (2048, 4096, 10944)  # §1.6: F = 10944 for D = 4096
     assert from_config_dict(xlstm_config.get_config("7-1-tiny")).model.pattern == "mmmmmmms"

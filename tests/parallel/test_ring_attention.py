@@ -112,7 +112,7 @@ def test_bad_layout_and_length_say_what_was_expected():
 def _one_step(mesh_sizes, attention):
     sizes = {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1, **mesh_sizes}
     mesh = make_mesh(sizes, devices=jax.devices()[: int(np.prod(list(sizes.values())))])
-    config = make_config(attention=attention, train={"batch_size": 4, "seq_len": 48, "warmup_steps": 0})
+    config = make_config(model={"attention": attention}, train={"batch_size": 4, "seq_len": 48, "warmup_steps": 0})
     trainer = Trainer.create(config, mesh)
     state, batch = trainer.init_state(0), trainer.device_batch(_packed_batch())
     if attention["impl"] == "ring":  # the ring really runs: K/V hop between the sequence devices
@@ -132,7 +132,7 @@ def test_ring_train_step_on_sequence_and_data_equals_single_device_dense(layout,
 
 
 def test_decode_with_a_sequence_sharded_cache_equals_single_device_decode():
-    config = make_config(attention={"impl": "ring"})
+    config = make_config(model={"attention": {"impl": "ring"}})
     model = models.build(config, nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(3), (2, 10), 0, 64)
 

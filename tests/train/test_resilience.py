@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lcjax.config import from_dict
-from lcjax.train import loop
+from lcjax.train import run as run_lib
 from lcjax.train.metrics import read_metrics
 from tests.conftest import ROOT
 from tests.conftest import run_main as _main
@@ -52,7 +52,7 @@ def train_losses(workdir) -> dict[int, float]:
 def final_params(workdir):
     with open(workdir / "config.json") as f:
         config = from_dict(json.load(f)).validate(jax.device_count())
-    return jax.device_get(loop.restore_for_inference(config, str(workdir))[1])
+    return jax.device_get(run_lib.restore_for_inference(config, str(workdir))[1])
 
 
 def _spawn(args):

@@ -5,22 +5,12 @@ import pytest
 
 from lcjax.parallel.mesh import make_mesh
 from lcjax.train.step import Trainer, token_losses
-from tests.conftest import make_config
+from tests.conftest import make_config, pattern_batch
 
 
 def _single_device_trainer(**sections):
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1}, devices=jax.devices()[:1])
     return Trainer.create(make_config(**sections), mesh)
-
-
-def _pattern_batch(batch_size=8, seq_len=32, seed=0):
-    """A learnable task: from a random start, each next token is (3 * token + 1) mod 64."""
-    rng = np.random.default_rng(seed)
-    tokens = np.zeros((batch_size, seq_len + 1), np.int32)
-    tokens[:, 0] = rng.integers(0, 64, batch_size)
-    for t in range(seq_len):
-        tokens[:, t + 1] = (3 * tokens[:, t] + 1) % 64
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((batch_size, seq_len), np.float32)}
 
 
 def test_token_losses_match_log_softmax():
@@ -35,7 +25,7 @@ def test_token_losses_match_log_softmax():
 def test_loss_mask_excludes_tokens():
     trainer = _single_device_trainer()
     state = trainer.init_state(0)
-    batch = _pattern_batch()
+    batch = pattern_batch()
     full = trainer._loss(state["params"], batch)[1]
     masked = dict(batch, loss_mask=batch["loss_mask"].copy())
     masked["loss_mask"][:, 16:] = 0
@@ -51,7 +41,7 @@ def test_loss_mask_excludes_tokens():
 def test_z_loss_adds_mean_squared_log_partition():
     trainer = _single_device_trainer(train={"z_loss_weight": 0.01})
     state = trainer.init_state(0)
-    batch = _pattern_batch()
+    batch = pattern_batch()
     total, metrics = trainer._loss(state["params"], batch)
     _, log_z = token_losses(trainer.model(state["params"])({"inputs": batch["inputs"]})[0], batch)
     np.testing.assert_allclose(metrics["z_loss"], 0.01 * jnp.mean(log_z**2), rtol=1e-5)
@@ -64,7 +54,7 @@ def test_train_step_learns_a_synthetic_task():
     step = trainer.jit_train_step()
     losses = []
     for i in range(60):
-        state, metrics = step(state, trainer.device_batch(_pattern_batch(seed=i)))
+        state, metrics = step(state, trainer.device_batch(pattern_batch(seed=i)))
         losses.append(float(metrics["loss"]))
     assert int(state["step"]) == 60
     # From about log(64) to well under 1 nat: the model learned the rule, not just the unigram distribution.
@@ -76,7 +66,7 @@ def test_non_finite_gradients_skip_the_update():
     state = trainer.init_state(0)
     state["params"]["final_norm"]["scale"] = state["params"]["final_norm"]["scale"].at[0].set(jnp.inf)
     before = jax.device_get(state)
-    new_state, metrics = trainer.jit_train_step()(state, trainer.device_batch(_pattern_batch()))
+    new_state, metrics = trainer.jit_train_step()(state, trainer.device_batch(pattern_batch()))
     assert float(metrics["skipped"]) == 1.0
     after = jax.device_get(new_state)
     assert int(after["step"]) == 1
@@ -90,7 +80,7 @@ def test_bfloat16_compute_keeps_float32_params_and_close_loss():
     f32 = _single_device_trainer()
     bf16 = _single_device_trainer(train={"compute_dtype": "bfloat16"})
     state = f32.init_state(0)
-    batch = _pattern_batch()
+    batch = pattern_batch()
     loss32 = float(f32._loss(state["params"], batch)[1]["loss"])
     loss16 = float(bf16._loss(state["params"], batch)[1]["loss"])
     assert abs(loss16 - loss32) < 0.05 * loss32
@@ -110,7 +100,7 @@ def test_gradient_accumulation_equals_one_big_batch(mesh_sizes):
     sizes = {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1, **mesh_sizes}
     devices = jax.devices()[: sizes["data"] * sizes["fsdp"]]
     mesh = make_mesh(sizes, devices=devices)
-    batch = _pattern_batch(batch_size=16, seed=3)
+    batch = pattern_batch(batch_size=16, seed=3)
     batch["loss_mask"][:5, 20:] = 0  # uneven token counts across micro-batches
     train = {"batch_size": 16, "warmup_steps": 0, "z_loss_weight": 1e-3}
     one, loss_one = _step_once(Trainer.create(make_config(train=train), mesh), batch)
@@ -129,7 +119,7 @@ def test_injected_nan_step_is_skipped_and_counted():
     history = []
     for i in range(5):
         before = jax.device_get(state["params"])
-        state, metrics = step(state, trainer.device_batch(_pattern_batch(seed=i)))
+        state, metrics = step(state, trainer.device_batch(pattern_batch(seed=i)))
         history.append((before, jax.device_get(state["params"]), float(metrics["skipped"])))
     assert [h[2] for h in history] == [0.0, 0.0, 1.0, 0.0, 0.0]
     assert int(state["skipped_steps"]) == 1 and int(state["step"]) == 5
@@ -160,34 +150,17 @@ def test_weight_decay_spares_stacked_norm_scales():
     assert float(jnp.abs(blocks["attn"]["wq"]).max()) > 0 and float(jnp.abs(updates["embed"]).max()) > 0
 
 
-SPARSE_MODELS = {
-    "transformer": {},
-    "mamba2": {"name": "mamba2", "d_state": 8, "head_dim": 16, "n_groups": 2, "chunk_size": 4},
-    "xlstm": {"name": "xlstm", "num_heads": 2, "chunk_size": 4},
-    "titans": {"name": "titans", "memory_heads": 2, "chunk_size": 4, "num_persistent": 2},
-}
-
-
-# Every model gathers with the same helper; two of them are `slow` (CI's budget).
-@pytest.mark.parametrize(
-    "name", [n if n in ("transformer", "titans") else pytest.param(n, marks=pytest.mark.slow) for n in SPARSE_MODELS]
-)
-def test_sparse_logits_give_the_full_loss_and_gradients(name):
-    """train.sparse_logits = n projects to the vocabulary only at each row's labels: same loss, same gradients, for
-    rows with 0..n labels anywhere (including the last position)."""
+def test_sparse_logits_give_the_full_loss_and_gradients():
+    """train.sparse_logits = n applies the head only at each row's labels (`lm_logits`, the same for every model):
+    same loss, same gradients, for rows with 0..n labels anywhere (including the last position)."""
     from lcjax.config import from_dict
     from tests.conftest import SMALL_MODEL
 
-    model = {**SMALL_MODEL, **SPARSE_MODELS[name]}
-    model = {k: v for k, v in model.items() if name == "transformer" or k not in ("num_kv_heads",)}
-    if name in ("mamba2", "xlstm"):
-        model.pop("mlp_dim")
-    if name == "mamba2":
-        model.pop("num_heads")
+    model = SMALL_MODEL
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1}, devices=jax.devices()[:1])
     full = Trainer.create(from_dict({"model": model, "train": {"z_loss_weight": 1e-2}}), mesh)
     sparse = Trainer.create(from_dict({"model": model, "train": {"z_loss_weight": 1e-2, "sparse_logits": 3}}), mesh)
-    batch = _pattern_batch(batch_size=4, seq_len=16, seed=1)
+    batch = pattern_batch(batch_size=4, seq_len=16, seed=1)
     batch["loss_mask"][:] = 0
     batch["loss_mask"][0, [2, 9, 15]] = 1  # the row limit, the last position included
     batch["loss_mask"][1, [0]] = 1

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from lcjax.errors import ConfigError
-from lcjax.eval import compare
+from lcjax.experiments import compare
 from lcjax.train.metrics import read_metrics
 from tests.conftest import ROOT
 

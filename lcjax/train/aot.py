@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 
 from kernels_pallas.common import tracing_for
+from lcjax.data import batch as batch_schema
 from lcjax.parallel.mesh import make_mesh
 from lcjax.train.step import Trainer
 
@@ -36,16 +36,10 @@ def topology_devices(topology: str) -> list:
     return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
 
 
-def abstract_batch(trainer: Trainer) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(trainer: Trainer, keys: tuple[str, ...] = batch_schema.PIPELINE_KEYS):
+    """ShapeDtypeStructs of a training batch's `keys` (the batch schema's dtypes), with the batch sharding."""
     shape = (trainer.config.train.batch_size, trainer.config.train.seq_len)
-    spec = lambda dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_sharding)
-    return {
-        "inputs": spec(jnp.int32),
-        "targets": spec(jnp.int32),
-        "positions": spec(jnp.int32),
-        "segment_ids": spec(jnp.int32),
-        "loss_mask": spec(jnp.float32),
-    }
+    return {k: jax.ShapeDtypeStruct(shape, batch_schema.DTYPES[k], sharding=trainer.batch_sharding) for k in keys}
 
 
 def compile_train_step(config, topology: str) -> dict:

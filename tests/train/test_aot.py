@@ -7,7 +7,7 @@ import pytest
 
 import configs.transformer as transformer_config
 from lcjax.config import from_config_dict
-from lcjax.parallel.aot import compile_train_step
+from lcjax.train.aot import compile_train_step
 
 
 def test_tiny_train_step_compiles_for_tpu_topologies():
@@ -29,7 +29,7 @@ def test_train_step_with_the_pallas_kernel_compiles_for_tpu():
     config = from_config_dict(transformer_config.get_config("tiny"))
     config = dataclasses.replace(
         config,
-        attention=dataclasses.replace(config.attention, impl="pallas"),
+        model=dataclasses.replace(config.model, attention=dataclasses.replace(config.model.attention, impl="pallas")),
         mesh=dataclasses.replace(config.mesh, data=2, tensor=2),
     )
     report = compile_train_step(config, "v5e:2x2")
@@ -44,7 +44,7 @@ def test_train_step_with_ring_attention_compiles_for_tpu_with_pallas_blocks():
     config = from_config_dict(transformer_config.get_config("tiny"))
     config = dataclasses.replace(
         config,
-        attention=dataclasses.replace(config.attention, impl="ring"),
+        model=dataclasses.replace(config.model, attention=dataclasses.replace(config.model.attention, impl="ring")),
         mesh=dataclasses.replace(config.mesh, data=1, sequence=4),
         train=dataclasses.replace(config.train, batch_size=4),
     )

@@ -34,6 +34,7 @@ from lcjax.data import pipeline
 from lcjax.errors import ConfigError
 from lcjax.eval.perplexity import evaluate
 from lcjax.train import loop
+from lcjax.train import run as run_lib
 
 SWEEP_PARAMETER = {  # the task parameter swept with the sequence length, per task
     "mqar": "num_kv_pairs",
@@ -167,7 +168,7 @@ def train_model(
 def score_grid(config, workdir: str, task: str, seq_lens: Sequence[int], values: Sequence[float]) -> list[dict]:
     """Scores the latest checkpoint of `workdir` on `task` at every (seq_len, value) of the grid; points the task
     cannot build (e.g. MQAR with 2D*p + 2D > L) are reported as skipped with the reason."""
-    run, params, step = loop.restore_for_inference(config, workdir)
+    run, params, step = run_lib.restore_for_inference(config, workdir)
     eval_step = run.trainer.jit_eval_step()
     rows = []
     for seq_len in seq_lens:
@@ -179,8 +180,8 @@ def score_grid(config, workdir: str, task: str, seq_lens: Sequence[int], values:
             )
             row = {"seq_len": seq_len, SWEEP_PARAMETER[task]: value, "step": step}
             try:
-                point = loop.Run(point_config, run.trainer, run.tokenizer)
-                examples = loop.task_examples(point, task, "eval", jrt_prompt=config.eval.jrt_prompt)
+                point = run_lib.Run(point_config, run.trainer, run.tokenizer)
+                examples = run_lib.task_examples(point, task, "eval", jrt_prompt=config.eval.jrt_prompt)
             except ConfigError as e:
                 rows.append({**row, "skipped": str(e)})
                 continue
