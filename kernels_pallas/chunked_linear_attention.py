@@ -51,10 +51,11 @@ State = tuple[jax.Array, jax.Array, jax.Array]  # C [..., dk, dv], n [..., 1, dk
 def pack_columns(log_decay: jax.Array, log_input: jax.Array, docs: jax.Array | None = None) -> jax.Array:
     """cols `[..., chunks, L, 4]` from the per-token log decay and log input weight `[..., chunks, L]` and the
     documents `[..., chunks, L]` (counted from the initial state's, 0; None: one document)."""
-    b = jnp.cumsum(log_decay.astype(jnp.float32), axis=-1)
-    docs = jnp.zeros(b.shape, jnp.float32) if docs is None else docs.astype(jnp.float32)
+    dtype = jnp.promote_types(log_decay.dtype, jnp.float32)  # float64 stays float64 (the oracle tests)
+    b = jnp.cumsum(log_decay.astype(dtype), axis=-1)
+    docs = jnp.zeros(b.shape, dtype) if docs is None else docs.astype(dtype)
     before = jnp.concatenate([jnp.zeros_like(docs[..., :1, -1:]), docs[..., :-1, -1:]], axis=-2)
-    columns = (b, log_input.astype(jnp.float32), docs, jnp.broadcast_to(before, b.shape))
+    columns = (b, log_input.astype(dtype), docs, jnp.broadcast_to(before, b.shape))
     return jnp.stack(columns, axis=-1)
 
 
@@ -127,8 +128,9 @@ def chunk_output(state: State, q, k, v, cols, *, mode: str, eps: float):
 
 def reference(q, k, v, cols, state: State, *, mode: str, eps: float = 0.0):
     """The specification in XLA: returns (h `[..., chunks, L, dv]`, final state, chunk-start states, each
-    `[..., chunks, ·, ·]`). Computes in float32; h has q's dtype."""
-    f32 = lambda x: x.astype(jnp.float32)
+    `[..., chunks, ·, ·]`). Computes in float32 (float64 for float64 inputs); h has q's dtype."""
+    dtype = jnp.promote_types(jnp.result_type(q, k, v, cols), jnp.float32)
+    f32 = lambda x: x.astype(dtype)
     q, k, v, cols = (f32(x) for x in (q, k, v, cols))
     state = tuple(f32(s) for s in state)
     chunk_axis = q.ndim - 3
@@ -155,7 +157,6 @@ def chunked_linear_attention(
     chunk of a program in one block. Unsupported shapes fall back to the reference and say so once."""
     _check_inputs(q, k, v, cols, state, mode)
     lead, dk, dv = q.shape[:-3], q.shape[-1], v.shape[-1]
-    state = initial_state(lead, dk, dv) if state is None else tuple(s.astype(jnp.float32) for s in state)
     run = common.resolve_impl(impl, "chunked_linear_attention")
     target = "gpu" if common.backend() == "gpu" else "tpu"
     if run != "reference":
@@ -163,9 +164,12 @@ def chunked_linear_attention(
         if reason:
             common.say_once(f"chunked_linear_attention: {reason}; using the reference (XLA)")
             run = "reference"
+    if state is None:
+        state = initial_state(lead, dk, dv)
     if run == "reference":
         h, final, _ = reference(q, k, v, cols, state, mode=mode, eps=eps)
         return h.astype(q.dtype), final
+    state = tuple(s.astype(jnp.float32) for s in state)
     chunks = q.shape[-3]
     if target == "gpu":  # one block of every chunk; Triton blocks need a power-of-two count: pad with no-op chunks
         padded = 1 << (chunks - 1).bit_length()

@@ -19,10 +19,11 @@ def causal_conv(
     *,
     history: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
+    history_segments: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """x `[batch, length, *channels]`, kernel `[taps, *channels]`, bias `[*channels]`; history `[batch, taps − 1,
-    *channels]` (zeros when None). segment_ids `[batch, length]`: the history belongs to the first token's document
-    (it continues that document). Returns
+    *channels]` (zeros when None). segment_ids `[batch, length]`: the history's documents are `history_segments`
+    `[batch, taps − 1]`, or when None the first token's (the history continues that document). Returns
     (y like x, the new history: the last taps − 1 inputs)."""
     taps = kernel.shape[0]
     if kernel.shape[1:] != x.shape[2:]:
@@ -31,8 +32,10 @@ def causal_conv(
         history = jnp.zeros((x.shape[0], taps - 1, *x.shape[2:]), x.dtype)
     padded = jnp.concatenate([history.astype(x.dtype), x], axis=1)
     length = x.shape[1]
-    if segment_ids is not None:  # the history belongs to the first token's document
-        seg = jnp.concatenate([jnp.repeat(segment_ids[:, :1], taps - 1, axis=1), segment_ids], axis=1)
+    if segment_ids is not None:
+        if history_segments is None:  # the history belongs to the first token's document
+            history_segments = jnp.repeat(segment_ids[:, :1], taps - 1, axis=1)
+        seg = jnp.concatenate([history_segments.astype(segment_ids.dtype), segment_ids], axis=1)
     kernel = kernel.astype(x.dtype)
     trailing = (1,) * (x.ndim - 2)
     y = 0

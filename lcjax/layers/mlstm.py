@@ -14,13 +14,15 @@ Without eps every form gives the same h whatever its stabilizer; with eps > 0 th
 eps · e^m / |den| (they pick m differently), as the reference implementations do.
 
 - "recurrent": a `lax.scan` of the step above (also `mlstm_step`, for decoding).
-- "parallel": §1.2, the quadratic form over the whole sequence (log D_ts = b_t − b_s + ĩ_s, b the cumulative
-  log σ(f̃); row stabilizer max_s log D_ts, plus the initial state's term when one is given).
 - "chunkwise": §1.3; the states at chunk boundaries by a scan over chunks (inter-chunk), then every chunk's outputs
-  in parallel from its start state (intra-chunk). A length that is not a multiple of `chunk_size` is padded at the
-  end with tokens that neither write (ĩ = −∞) nor decay (f̃ = +∞), so the final state is exact. `impl` runs it in
-  XLA ("xla") or as the Pallas kernel `kernels_pallas.chunked_linear_attention` ("pallas" | "interpret" | "auto",
-  per device shard under a mesh; float32 inside, states float32).
+  in parallel from its start state (intra-chunk): the two functions `chunk_advance` and `chunk_output` of
+  `kernels_pallas.chunked_linear_attention`, the kernel's specification. A length that is not a multiple of
+  `chunk_size` is padded at the end with tokens that neither write (ĩ = −∞) nor decay (f̃ = +∞), so the final state
+  is exact. `impl` runs them in XLA ("xla": the kernel module's `reference`) or as the Pallas kernel ("pallas" |
+  "interpret" | "auto", per device shard under a mesh; float32 inside, states float32).
+- "parallel": §1.2, the quadratic form over the whole sequence (log D_ts = b_t − b_s + ĩ_s, b the cumulative
+  log σ(f̃); row stabilizer max_s log D_ts, plus the initial state's term when one is given): the chunkwise form
+  with one chunk of the whole length.
 Packed documents (`segment_ids`) are exact resets in every form: a token sees only its own document's tokens, and the
 state of an earlier document is dropped (masks, not a large negative forget gate).
 """
@@ -34,6 +36,7 @@ import jax.numpy as jnp
 
 from kernels_pallas import chunked_linear_attention as kernel
 from lcjax.layers import chunkwise
+from lcjax.layers.documents import document_starts
 
 FORMS = ("parallel", "chunkwise", "recurrent")
 IMPLS = ("xla", "pallas", "interpret", "auto")  # of the chunkwise form: XLA, or the Pallas kernel (`kernels_pallas`)
@@ -92,17 +95,13 @@ def mlstm_cell(
     if segment_ids is None:
         docs = jnp.zeros(q.shape[:3], jnp.int32)
     else:
-        starts = jnp.concatenate([jnp.zeros_like(segment_ids[:, :1]), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+        starts = document_starts(segment_ids)
         docs = jnp.broadcast_to(jnp.cumsum(starts.astype(jnp.int32), axis=1)[:, None], q.shape[:3])
     if form == "recurrent":
         return _recurrent(q, k, v, igate, fgate, docs, state, eps)
     if form == "parallel":
-        before = jnp.zeros(q.shape[:2], jnp.int32)  # the initial state's document
-        h = _intra(q, k, v, igate, fgate, docs, state if given else None, before, eps)
-        return h, _advance(k, v, igate, fgate, docs, state, before)
-    if impl != "xla":
-        return _chunkwise_kernel(q, k, v, igate, fgate, docs, state, eps, chunk_size, impl)
-    return _chunkwise(q, k, v, igate, fgate, docs, state, eps, chunk_size)
+        return _chunkwise(q, k, v, igate, fgate, docs, state, eps, q.shape[2], "xla")
+    return _chunkwise(q, k, v, igate, fgate, docs, state, eps, chunk_size, impl)
 
 
 def mlstm_step(q, k, v, igate, fgate, state: State, *, eps: float = 1e-6) -> tuple[jax.Array, State]:
@@ -159,46 +158,6 @@ def _recurrent(q, k, v, i, f, docs, state, eps):
     return jnp.moveaxis(h, 0, 2), state
 
 
-def _intra(q, k, v, i, f, docs, state, state_doc, eps):
-    """Outputs of one block of tokens `[..., L, ·]` (q scaled) from the state before it (None: no state term).
-    docs `[..., L]`: each token's document (a count, see `mlstm_cell`); state_doc `[...]`: the state's. A token sees
-    the tokens and the state of its own document only."""
-    size = q.shape[-2]
-    b = jnp.cumsum(jax.nn.log_sigmoid(f), axis=-1)  # [..., L]
-    visible = jnp.tril(jnp.ones((size, size), bool)) & (docs[..., :, None] == docs[..., None, :])
-    log_d = jnp.where(visible, b[..., :, None] - b[..., None, :] + i[..., None, :], -jnp.inf)
-    m = jnp.max(log_d, axis=-1)
-    if state is not None:
-        c0, n0, m0 = state
-        m_inter = jnp.where(docs == state_doc[..., None], b + m0[..., None], -jnp.inf)
-        m = jnp.maximum(m, m_inter)
-    scores = jnp.einsum("...td,...sd->...ts", q, k) * jnp.exp(log_d - m[..., None])
-    num = scores @ v
-    den = jnp.sum(scores, axis=-1)
-    if state is not None:
-        decay = jnp.exp(m_inter - m)
-        num = num + decay[..., None] * (q @ c0)
-        den = den + decay * jnp.einsum("...td,...d->...t", q, n0)
-    return num / (jnp.maximum(jnp.abs(den), jnp.exp(-m)) + eps)[..., None]
-
-
-def _advance(k, v, i, f, docs, state, state_doc):
-    """The state after a block of tokens `[..., L, ·]`, from the state before it (in document `state_doc`): the
-    block's last document only."""
-    c0, n0, m0 = state
-    b = jnp.cumsum(jax.nn.log_sigmoid(f), axis=-1)
-    g = b[..., -1]
-    last = docs[..., -1:]
-    a = jnp.where(docs == last, g[..., None] - b + i, -jnp.inf)  # log weight of token j in the end state
-    g = jnp.where(state_doc == last[..., 0], g, -jnp.inf)  # a new document in the block drops the old state
-    m = jnp.maximum(g + m0, jnp.max(a, axis=-1))
-    w = jnp.exp(a - m[..., None])
-    decay = jnp.exp(g + m0 - m)
-    c = decay[..., None, None] * c0 + jnp.einsum("...j,...jd,...je->...de", w, k, v)
-    n = decay[..., None] * n0 + jnp.einsum("...j,...jd->...d", w, k)
-    return c, n, m
-
-
 def _pad(q, k, v, i, f, docs, chunk_size):
     """Pads the length to a multiple of `chunk_size` with tokens of the last document that neither write nor decay."""
     count = -(-q.shape[2] // chunk_size)
@@ -212,38 +171,18 @@ def _pad(q, k, v, i, f, docs, chunk_size):
     return count, (q, k, v, i, f, docs)
 
 
-def _chunkwise_kernel(q, k, v, i, f, docs, state, eps, chunk_size, impl):
+def _chunkwise(q, k, v, i, f, docs, state, eps, chunk_size, impl):
+    """The chunkwise form through `kernels_pallas.chunked_linear_attention`: its reference in XLA for impl="xla"
+    (partitioned by XLA like any other op), the Pallas kernel per device shard otherwise."""
     batch, heads, length, _ = q.shape
     count, (q, k, v, i, f, docs) = _pad(q, k, v, i, f, docs, chunk_size)
     chunks = lambda x: x.reshape(batch, heads, count, chunk_size, *x.shape[3:])
     cols = kernel.pack_columns(chunks(jax.nn.log_sigmoid(f)), chunks(i), chunks(docs))
     c0, n0, m0 = state
-    state = (c0, n0[..., None, :], m0[..., None, None])
-
-    h, (c, n, m) = chunkwise.chunked_linear_attention(
-        chunks(q), chunks(k), chunks(v), cols, state, mode="mlstm", eps=eps, impl=impl
-    )
+    args = (chunks(q), chunks(k), chunks(v), cols, (c0, n0[..., None, :], m0[..., None, None]))
+    if impl == "xla":
+        h, (c, n, m) = kernel.chunked_linear_attention(*args, mode="mlstm", eps=eps, impl="reference")
+    else:
+        h, (c, n, m) = chunkwise.chunked_linear_attention(*args, mode="mlstm", eps=eps, impl=impl)
     h = h.reshape(batch, heads, count * chunk_size, -1)[:, :, :length]
     return h, (c.astype(q.dtype), n[..., 0, :].astype(q.dtype), m[..., 0, 0].astype(q.dtype))
-
-
-def _chunkwise(q, k, v, i, f, docs, state, eps, chunk_size):
-    batch, heads, length, _ = q.shape
-    count, (q, k, v, i, f, docs) = _pad(q, k, v, i, f, docs, chunk_size)
-
-    def chunks(x):  # [batch, heads, count * L, ...] -> [count, batch, heads, L, ...]
-        x = x.reshape(batch, heads, count, chunk_size, *x.shape[3:])
-        return jnp.moveaxis(x, 2, 0)
-
-    q, k, v, i, f, docs = (chunks(x) for x in (q, k, v, i, f, docs))
-    # the document of the state before each chunk: that of the previous chunk's last token (the initial state's: 0)
-    state_docs = jnp.concatenate([jnp.zeros_like(docs[:1, ..., 0]), docs[:-1, ..., -1]], axis=0)
-
-    def inter(state, inputs):  # the scan over chunks carries only the state
-        *block, state_doc = inputs
-        return _advance(*block, state, state_doc), state
-
-    final, starts = jax.lax.scan(inter, state, (k, v, i, f, docs, state_docs))
-    h = _intra(q, k, v, i, f, docs, starts, state_docs, eps)  # every chunk at once, from its start state
-    h = jnp.moveaxis(h, 0, 2).reshape(batch, heads, count * chunk_size, -1)
-    return h[:, :, :length], final

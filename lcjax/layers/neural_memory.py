@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lcjax.layers.conv import causal_conv
+from lcjax.layers.documents import document_starts
 from lcjax.layers.memory_scan import (
     GATES,
     IMPLS,
@@ -179,23 +181,13 @@ class NeuralMemory(nnx.Module):
 
     def _convolve(self, x, history, parts, segment_ids, history_segments):
         """silu(causal depthwise conv(x W)) for the projections `parts` (a slice of q, k, v) in float32, and the
-        new conv history. A tap reaching into another document (`segment_ids`; the history's documents are
-        `history_segments`, a new document when None) reads zero."""
+        new conv history (`lcjax.layers.conv.causal_conv`; a tap reaching into another document reads zero)."""
         projected = jnp.einsum("btd,dshe->btshe", x, self.w_qkv[...][:, parts].astype(x.dtype))
-        padded = jnp.concatenate([history, projected], axis=1)
-        kernel = self.conv[...][:, parts].astype(x.dtype)
-        length, taps = x.shape[1], self.conv_size
-        if segment_ids is not None:
-            if history_segments is None:
-                history_segments = jnp.full((x.shape[0], taps - 1), -1, segment_ids.dtype)
-            seg = jnp.concatenate([history_segments, segment_ids], axis=1)
-        mixed = 0
-        for tap in range(taps):
-            window = padded[:, tap : tap + length]
-            if segment_ids is not None:
-                window = jnp.where((seg[:, tap : tap + length] == segment_ids)[..., None, None, None], window, 0)
-            mixed = mixed + kernel[tap] * window
-        return jax.nn.silu(mixed.astype(jnp.float32)), padded[:, padded.shape[1] - (taps - 1) :]
+        kernel = self.conv[...][:, parts]
+        mixed, history = causal_conv(
+            projected, kernel, history=history, segment_ids=segment_ids, history_segments=history_segments
+        )
+        return jax.nn.silu(mixed.astype(jnp.float32)), history
 
     @staticmethod
     def _heads_first(z, normalize):
@@ -250,7 +242,7 @@ class NeuralMemory(nnx.Module):
             lr = lr * jax.nn.sigmoid(-gates[:, 1])  # θ (1 − η), with 1 − σ(z) = σ(−z) exact for η near 1
         resets = restart = None
         if segment_ids is not None and self.document_resets:
-            resets = self.document_starts(segment_ids, history_segments)
+            resets = document_starts(segment_ids, history_segments)
             resets = jnp.broadcast_to(resets[:, None], q.shape[:3]).astype(q.dtype)
             restart = self._initial_state(x.shape[0])[1]
         y, new_state = memory_scan_from(
@@ -270,13 +262,6 @@ class NeuralMemory(nnx.Module):
             chunk_momentum=self.momentum == "chunk",
         )
         return self._output(y, x), (history, new_state, chunk_gates)
-
-    @staticmethod
-    def document_starts(segment_ids, history_segments=None):
-        """[batch, n] bool: True where a token's document differs from the previous token's (the last of
-        `history_segments` `[batch, taps]` before the first token; without history the first token starts none)."""
-        previous = segment_ids[:, :1] if history_segments is None else history_segments[:, -1:]
-        return segment_ids != jnp.concatenate([previous, segment_ids[:, :-1]], axis=1)
 
 
 def _identity_tap(key, shape, dtype):

@@ -17,6 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lcjax.layers.documents import document_starts
+
 GATES = ("i", "f", "z", "o")
 State = tuple[jax.Array, jax.Array, jax.Array, jax.Array]  # y, c, n, m: each [batch, heads, head_dim]
 
@@ -56,9 +58,7 @@ def slstm_scan(
     if segment_ids is None:
         fresh = jnp.zeros(wx.shape[:2], bool)
     else:
-        fresh = jnp.concatenate(
-            [jnp.zeros_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1
-        )
+        fresh = document_starts(segment_ids)
 
     def step(state, inputs):
         wx_t, fresh_t = inputs

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from kernels_pallas import chunked_linear_attention as kernel
 from lcjax.layers import chunkwise
+from lcjax.layers.documents import document_starts
 
 IMPLS = ("xla", "pallas", "interpret", "auto")
 
@@ -92,9 +93,7 @@ def ssd_scan(x, dt, a, b, c, *, chunk_size: int = 64, initial_state=None, segmen
     if segment_ids is not None:
         if segment_ids.shape != (batch, length):
             raise ValueError(f"ssd_scan: segment_ids {segment_ids.shape}; expected [batch, length] {(batch, length)}")
-        starts = jnp.concatenate(
-            [jnp.zeros_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1
-        )
+        starts = document_starts(segment_ids)
         starts = jnp.pad(starts, ((0, 0), (0, pad)))
     if impl != "xla":
         y, final = _kernel_scan(x * dt[..., None], log_a, b, c, h0, starts, chunk_size, impl)

@@ -49,6 +49,7 @@ from flax import nnx
 
 from lcjax.errors import ConfigError
 from lcjax.layers.attention import AttentionConfig, dot_product_attention
+from lcjax.layers.documents import document_starts
 from lcjax.layers.mlp import SwiGLU
 from lcjax.layers.neural_memory import GATES as MEMORY_GATES
 from lcjax.layers.neural_memory import IMPLS as MEMORY_IMPLS
@@ -347,7 +348,7 @@ class Block(nnx.Module):
             h_s, q_s, seg_s, index = inputs
             r = mixer.read(q_s, state[1], h_s)  # M*_(t−1)(q_t): the memory before the segment
             if seg_s is not None and mixer.document_resets:  # tokens of a document begun since then read M_0
-                fresh = jax.lax.cummax(mixer.document_starts(seg_s, history_segments).astype(jnp.int32), axis=1)
+                fresh = jax.lax.cummax(document_starts(seg_s, history_segments).astype(jnp.int32), axis=1)
                 r = jnp.where(fresh[..., None] > 0, mixer.read(q_s, mixer._initial_state(batch)[1], h_s), r)
             r = self.read_norm(r)
             q, k, v = self._mac_context(h_s, r, positions)
