@@ -1,4 +1,5 @@
-"""Hugging Face export and import (`hf.py` holds the mapping tables).
+"""Hugging Face export and import (`hf.py`: which architecture; `llama.py`, `mamba2.py`, `xlstm.py`: the mapping
+tables; `mapping.py`: the conversion; `safetensors_io.py`: the files).
 
     export_hf(config, model, "hf_dir")     # config.json + safetensors (+ index when sharded) + tokenizer files
     config, model = load_hf("hf_dir")      # back into lcjax (an lcjax Config with the HF model's section)
@@ -83,8 +84,7 @@ def export_hf(config, model: nnx.Module, directory: str, *, max_shard_bytes: int
     os.makedirs(directory, exist_ok=True)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tensors = hf.params_to_hf(cfg, params)
-    _, _, to_config, _ = hf.ARCHITECTURES[cfg.name]
-    hf_config = to_config(cfg, config.train.seq_len)
+    hf_config = hf.ARCHITECTURES[cfg.name].to_config(cfg, config.train.seq_len)
     hf_config[LCJAX_KEY] = config.to_dict()
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=1, sort_keys=True)
@@ -120,7 +120,7 @@ def load_hf(directory: str):
         model_type = hf_config.get("model_type")
         if model_type not in hf.BY_MODEL_TYPE:
             raise ValueError(f"{directory}: model_type {model_type!r}; expected one of {sorted(hf.BY_MODEL_TYPE)}")
-        values = {"model": hf.ARCHITECTURES[hf.BY_MODEL_TYPE[model_type]][3](hf_config)}
+        values = {"model": hf.ARCHITECTURES[hf.BY_MODEL_TYPE[model_type]].from_config(hf_config)}
     config = from_dict(values)
     abstract = nnx.eval_shape(lambda: models.build(config, nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
