@@ -5,10 +5,7 @@
         --config.data.path=data/prepared --workdir=runs/x
 """
 
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 

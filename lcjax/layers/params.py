@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -18,6 +19,21 @@ def normal(stddev: float) -> Initializer:
 def ones(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype) -> jax.Array:
     del key
     return jnp.ones(shape, dtype)
+
+
+def zeros(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype) -> jax.Array:
+    del key
+    return jnp.zeros(shape, dtype)
+
+
+def small_init(d_model: int) -> Initializer:
+    """N(0, 2 / (5 d)): the "small init" of projections from the model width (xLSTM, Nguyen & Salazar 2019)."""
+    return normal(math.sqrt(2 / (5 * d_model)))
+
+
+def wang_init(d_model: int, blocks: int) -> Initializer:
+    """N(0, (2 / (blocks · √d))²): the "Wang init" of projections back into the residual stream (xLSTM, GPT-J)."""
+    return normal(2 / (blocks * math.sqrt(d_model)))
 
 
 def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], init: Initializer) -> nnx.Param:

@@ -87,11 +87,6 @@ class Mamba2Config(ModelConfig):
         return 6 * params + 3 * ssd
 
 
-def _zeros(key, shape, dtype):
-    del key
-    return jnp.zeros(shape, dtype)
-
-
 def _uniform(low: float, high: float):
     return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, low, high)
 

@@ -34,8 +34,8 @@ from lcjax.layers.conv import causal_conv
 from lcjax.layers.mlp import SwiGLU
 from lcjax.layers.mlstm import FORMS, mlstm_cell, mlstm_step
 from lcjax.layers.mlstm import IMPLS as CELL_IMPLS
-from lcjax.layers.norms import RMSNorm
-from lcjax.layers.params import normal, ones, param
+from lcjax.layers.norms import OffsetLayerNorm, RMSNorm, head_norm
+from lcjax.layers.params import normal, ones, param, small_init, wang_init, zeros
 from lcjax.layers.slstm import slstm_scan
 from lcjax.layers.stack import LayerStack
 from lcjax.models.lm import CausalLM, ModelConfig
@@ -159,41 +159,8 @@ class XLSTMConfig(ModelConfig):
         return 6 * params + 3 * cell
 
 
-def _small(d: int):
-    return normal(math.sqrt(2 / (5 * d)))
-
-
-def _wang(d: int, blocks: int):
-    return normal(2 / (blocks * math.sqrt(d)))
-
-
-def _zeros(key, shape, dtype):
-    del key
-    return jnp.zeros(shape, dtype)
-
-
-def _head_norm(h: jax.Array, weight: jax.Array, eps: float, offset: bool) -> jax.Array:
-    """LayerNorm over each head's features (weight only, no bias), reductions in float32: h `[..., heads, dim]`."""
-    h32 = h.astype(jnp.float32)
-    h32 = h32 - jnp.mean(h32, axis=-1, keepdims=True)
-    h32 = h32 * jax.lax.rsqrt(jnp.mean(h32 * h32, axis=-1, keepdims=True) + eps)
-    w = weight.astype(jnp.float32)
-    return (h32 * (1.0 + w if offset else w)).astype(h.dtype)
-
-
 def _cap(x: jax.Array, cap: float) -> jax.Array:
     return cap * jnp.tanh(x / cap) if cap > 0 else x
-
-
-class OffsetLayerNorm(nnx.Module):
-    """LayerNorm with a weight offset and no bias (the NeurIPS xLSTM convention): scale = 1 + w, w = 0 at init."""
-
-    def __init__(self, dim: int, *, eps: float, rngs: nnx.Rngs):
-        self.eps = eps
-        self.weight = param(rngs, (dim,), ("embed",), _zeros)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return _head_norm(x, self.weight[...], self.eps, offset=True)
 
 
 def _run_cell(cfg: XLSTMConfig, q, k, v, i, f, state, segment_ids):
@@ -240,17 +207,17 @@ class LargeMLSTM(nnx.Module):
         d, heads = cfg.d_model, cfg.num_heads
         dqk, dv = cfg.qk_dim // heads, cfg.v_dim // heads
         self.cfg = cfg
-        small = _small(d)
+        small = small_init(d)
         self.w_q = param(rngs, (d, heads, dqk), ("embed", "heads", "head_dim"), small)
         self.w_k = param(rngs, (d, heads, dqk), ("embed", "heads", "head_dim"), small)
         self.w_v = param(rngs, (d, heads, dv), ("embed", "heads", "head_dim"), small)
         self.w_o = param(rngs, (d, heads, dv), ("embed", "heads", "head_dim"), small)
-        self.w_i = param(rngs, (d, heads), ("embed", "heads"), _zeros)
-        self.w_f = param(rngs, (d, heads), ("embed", "heads"), _zeros)
+        self.w_i = param(rngs, (d, heads), ("embed", "heads"), zeros)
+        self.w_f = param(rngs, (d, heads), ("embed", "heads"), zeros)
         self.b_i = param(rngs, (heads,), ("heads",), lambda k, s, t: jnp.full(s, cfg.igate_bias_init, t))
         self.b_f = param(rngs, (heads,), ("heads",), lambda k, s, t: jnp.linspace(3.0, 6.0, s[0], dtype=t))
         self.norm = param(rngs, (heads, dv), ("heads", "head_dim"), ones)
-        self.w_out = param(rngs, (heads, dv, d), ("heads", "head_dim", "embed"), _wang(d, cfg.num_layers))
+        self.w_out = param(rngs, (heads, dv, d), ("heads", "head_dim", "embed"), wang_init(d, cfg.num_layers))
 
     def __call__(self, x, state, segment_ids=None):
         cfg = self.cfg
@@ -262,7 +229,7 @@ class LargeMLSTM(nnx.Module):
         i = _cap(x @ self.w_i[...].astype(x.dtype) + self.b_i[...].astype(x.dtype), cfg.gate_soft_cap)
         f = _cap(x @ self.w_f[...].astype(x.dtype) + self.b_f[...].astype(x.dtype), cfg.gate_soft_cap)
         h, state = _run_cell(cfg, q, k, v, i, f, state, segment_ids)
-        h = _head_norm(h, self.norm[...], cfg.norm_eps, offset=False).astype(x.dtype)
+        h = head_norm(h, self.norm[...], cfg.norm_eps, offset=False).astype(x.dtype)
         h = constrain(jax.nn.sigmoid(o) * h, ("batch", "length", "heads", "head_dim"))
         return jnp.einsum("bthe,hed->btd", h, self.w_out[...].astype(x.dtype)), state
 
@@ -293,23 +260,23 @@ class NeurIPSMLSTMBlock(nnx.Module):
         dh, blk = e // heads, cfg.qkv_block
         self.cfg = cfg
         self.norm = OffsetLayerNorm(d, eps=cfg.norm_eps, rngs=rngs)
-        self.w_up = param(rngs, (d, heads, dh), ("embed", "heads", "head_dim"), _small(d))
-        self.w_z = param(rngs, (d, heads, dh), ("embed", "heads", "head_dim"), _small(d))
+        self.w_up = param(rngs, (d, heads, dh), ("embed", "heads", "head_dim"), small_init(d))
+        self.w_z = param(rngs, (d, heads, dh), ("embed", "heads", "head_dim"), small_init(d))
         self.conv = param(rngs, (cfg.conv_size, heads, dh), (None, "heads", "head_dim"), normal(cfg.conv_size**-0.5))
-        self.conv_bias = param(rngs, (heads, dh), ("heads", "head_dim"), _zeros)
+        self.conv_bias = param(rngs, (heads, dh), ("heads", "head_dim"), zeros)
         block = (heads, dh // blk, blk, blk)  # headwise blocks: [head, block, in, out]
         axes = ("heads", None, None, None)
-        self.w_q = param(rngs, block, axes, _small(d))
-        self.w_k = param(rngs, block, axes, _small(d))
-        self.w_v = param(rngs, block, axes, _small(d))
+        self.w_q = param(rngs, block, axes, small_init(d))
+        self.w_k = param(rngs, block, axes, small_init(d))
+        self.w_v = param(rngs, block, axes, small_init(d))
         gate_axes = (None, "heads", "head_dim", None)  # [q|k|v, head, dim, gate head]
-        self.w_i = param(rngs, (3, heads, dh, heads), gate_axes, _zeros)
-        self.w_f = param(rngs, (3, heads, dh, heads), gate_axes, _zeros)
+        self.w_i = param(rngs, (3, heads, dh, heads), gate_axes, zeros)
+        self.w_f = param(rngs, (3, heads, dh, heads), gate_axes, zeros)
         self.b_i = param(rngs, (heads,), (None,), normal(0.1))
         self.b_f = param(rngs, (heads,), (None,), lambda k, s, t: jnp.linspace(3.0, 6.0, s[0], dtype=t))
-        self.out_norm = param(rngs, (heads, dh), ("heads", "head_dim"), _zeros)
+        self.out_norm = param(rngs, (heads, dh), ("heads", "head_dim"), zeros)
         self.skip = param(rngs, (heads, dh), ("heads", "head_dim"), ones)
-        self.w_down = param(rngs, (heads, dh, d), ("heads", "head_dim", "embed"), _wang(d, cfg.num_layers))
+        self.w_down = param(rngs, (heads, dh, d), ("heads", "head_dim", "embed"), wang_init(d, cfg.num_layers))
 
     def init_cache(self, batch: int) -> dict[str, Any]:
         heads, dh = self.skip.shape
@@ -338,7 +305,7 @@ class NeurIPSMLSTMBlock(nnx.Module):
         i = jnp.einsum("btshe,shen->btn", qkv, self.w_i[...].astype(dtype)) + self.b_i[...].astype(dtype)
         f = jnp.einsum("btshe,shen->btn", qkv, self.w_f[...].astype(dtype)) + self.b_f[...].astype(dtype)
         h, cell = _run_cell(cfg, q, k, v, i, f, None if cache is None else cache["cell"], segment_ids)
-        h = _head_norm(h, self.out_norm[...], cfg.norm_eps, offset=True).astype(dtype)
+        h = head_norm(h, self.out_norm[...], cfg.norm_eps, offset=True).astype(dtype)
         h = (h + self.skip[...].astype(dtype) * x_c) * jax.nn.silu(z)
         h = constrain(h, ("batch", "length", "heads", "head_dim"))
         x = x + jnp.einsum("bthe,hed->btd", h, self.w_down[...].astype(dtype))
@@ -361,19 +328,19 @@ class NeurIPSSLSTMBlock(nnx.Module):
         self.cfg = cfg
         self.norm = OffsetLayerNorm(d, eps=cfg.norm_eps, rngs=rngs)
         self.conv = param(rngs, (cfg.conv_size, heads, dh), (None, "heads", "head_dim"), normal(cfg.conv_size**-0.5))
-        self.conv_bias = param(rngs, (heads, dh), ("heads", "head_dim"), _zeros)
+        self.conv_bias = param(rngs, (heads, dh), ("heads", "head_dim"), zeros)
         axes = (None, "heads", "head_dim", None)
         # the reference's igate, fgate (from the conv branch) and zgate, ogate (from LN(x)), headwise [in, out]
-        self.w_if = param(rngs, (2, heads, dh, dh), axes, _small(d))
-        self.w_zo = param(rngs, (2, heads, dh, dh), axes, _small(d))
-        self.recurrent = param(rngs, (heads, dh, 4, dh), ("heads", "head_dim", None, None), _zeros)
+        self.w_if = param(rngs, (2, heads, dh, dh), axes, small_init(d))
+        self.w_zo = param(rngs, (2, heads, dh, dh), axes, small_init(d))
+        self.recurrent = param(rngs, (heads, dh, 4, dh), ("heads", "head_dim", None, None), zeros)
         # in the cell's slot order i, f, z, o; the f slot's power-law bias is set per block by the model
-        self.bias = param(rngs, (4, heads, dh), (None, "heads", "head_dim"), _zeros)
-        self.out_norm = param(rngs, (heads, dh), ("heads", "head_dim"), _zeros)
+        self.bias = param(rngs, (4, heads, dh), (None, "heads", "head_dim"), zeros)
+        self.out_norm = param(rngs, (heads, dh), ("heads", "head_dim"), zeros)
         self.ffn_norm = OffsetLayerNorm(d, eps=cfg.norm_eps, rngs=rngs)
-        self.w_gate = param(rngs, (d, f), ("embed", "mlp"), _small(d))
-        self.w_up = param(rngs, (d, f), ("embed", "mlp"), _small(d))
-        self.w_down = param(rngs, (f, d), ("mlp", "embed"), _wang(d, cfg.num_layers))
+        self.w_gate = param(rngs, (d, f), ("embed", "mlp"), small_init(d))
+        self.w_up = param(rngs, (d, f), ("embed", "mlp"), small_init(d))
+        self.w_down = param(rngs, (f, d), ("mlp", "embed"), wang_init(d, cfg.num_layers))
 
     def init_cache(self, batch: int) -> dict[str, Any]:
         heads, dh = self.out_norm.shape
@@ -396,7 +363,7 @@ class NeurIPSSLSTMBlock(nnx.Module):
         wx = (wx + self.bias[...].astype(dtype)).astype(jnp.float32)
         state = None if cache is None else cache["cell"]
         y, state = slstm_scan(wx, self.recurrent[...].astype(jnp.float32), state, segment_ids)
-        y = _head_norm(y, self.out_norm[...], cfg.norm_eps, offset=True).astype(dtype)
+        y = head_norm(y, self.out_norm[...], cfg.norm_eps, offset=True).astype(dtype)
         x = x + y.reshape(x.shape)
         g = self.ffn_norm(x)
         hidden = jax.nn.gelu(g @ self.w_gate[...].astype(dtype), approximate=False) * (g @ self.w_up[...].astype(dtype))
@@ -430,7 +397,7 @@ class XLSTM(CausalLM):
 
     def __init__(self, cfg: XLSTMConfig, *, rngs: nnx.Rngs):
         d = cfg.d_model
-        self._init_embedding(cfg, rngs, _small(d))
+        self._init_embedding(cfg, rngs, small_init(d))
         large = cfg.variant == "large"
         units = cfg.num_layers // len(cfg.pattern)
         make = (lambda r: LargeBlock(cfg, rngs=r)) if large else (lambda r: Group(cfg, rngs=r))
@@ -446,7 +413,7 @@ class XLSTM(CausalLM):
                 )
                 bias[...] = bias[...].at[:, 1].set(jnp.broadcast_to(per_unit[:, None], bias[...][:, 1].shape))
         norm = RMSNorm(d, eps=cfg.norm_eps, rngs=rngs) if large else OffsetLayerNorm(d, eps=cfg.norm_eps, rngs=rngs)
-        self._init_head(norm, rngs, _small(d))
+        self._init_head(norm, rngs, small_init(d))
 
     def hidden(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Parallel form. batch: inputs [B, T] int32, optional segment_ids (exact resets). -> [B, T, d_model]."""
