@@ -21,7 +21,7 @@ from lcjax.layers.norms import RMSNorm
 from lcjax.layers.params import normal, param
 from lcjax.layers.stack import LayerStack
 from lcjax.models.lm import CausalLM, ModelConfig, parallel_positions
-from lcjax.parallel import ring_attention as ring
+from lcjax.parallel import ring_layout as ring
 from lcjax.parallel.sharding import constrain
 
 
