@@ -24,10 +24,8 @@ f the chunk's first token and g_i = ∇_W ℓ(W_ref(i); k_i, v_i),
     S_t = η_f S_(f−1) − Σ_(f≤i≤t) θ_i g_i        M_t = (1 − α_t) M_(t−1) + (S_t − S_(t−1) for t > f; S_f at f)
 
 so each token adds its own −θ_i g_i to the memory, the carried momentum enters once, at f, and the chunk hands
-S = η_f S_0 − Σ θ_i g_i to the next. Chunk size 1 is again the paper's recurrence. Why: with the paper's
-momentum every stale gradient of a chunk is added into all its later tokens, which along a repeated key diverges
-(spectral radius 2.7 at C = 16, θ = 1/C, η = 0.5); per chunk the update is heavy ball with step Σθ_i <= 1, stable
-for every η < 1, and its steady step (C θ/(1 − η) per chunk) is the paper form's.
+S = η_f S_0 − Σ θ_i g_i to the next. Chunk size 1 is again the paper's recurrence. Why (the paper's momentum
+diverges in chunk form along a repeated key): docs/titans_memory_stability.md.
 
 Chunk-parallel form (`memory_scan`). Inside a chunk every per-token gradient is a sum of outer products
 u_i^l = h_i^(l−1)ᵀ δ_i^l taken at W_ref (TTT's dual form), and the two recurrences are linear, so

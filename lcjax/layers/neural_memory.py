@@ -65,19 +65,11 @@ class NeuralMemory(nnx.Module):
     XLA scan and the kernel alike). With `document_resets=False` the memory runs across documents. `max_grad_norm`
     > 0 clips each token's memory gradient to that norm (`memory_scan`; not in the paper, for deep memories).
 
-    `momentum="ema"` passes θ_t (1 − η_t) as the step, so the momentum is an average of the scaled gradients rather
-    than their sum (not in the paper, whose Eq. 10 is `momentum="paper"`, the default). Why: in the chunk-parallel
-    form every gradient of a chunk is taken at the chunk-start memory, and the paper's momentum adds each of them
-    to all later tokens of the chunk, so a chunk moves the memory by up to ~θ C²/2 stale gradients for η → 1 (C =
-    `chunk_size`). Along a key that repeats (a repeated filler text), the memory's error then grows by a constant
-    factor every chunk: for C = 16, θ = 1/C and η = 0.5 the chunk map's spectral radius is 2.7 (η = 0.9: 9.0; even
-    θ = 1/(4C) with η = 0.9: 1.2), while the per-token recurrence (C = 1) is a contraction for every θ ≤ 1, η < 1.
-    Trained at 512 tokens, mac-tiny's memory is fine there, but on some passkey inputs it leaves its range at ~1k
-    tokens and is inf (then NaN) by ~2.5k–5k (docs/benchmarks.md). With "ema" the radius is <= 1 for every
-    θ <= 1/C and η in [0, 1). `momentum="chunk"` keeps the paper's θ and η but steps the momentum once per chunk
-    (heavy ball over chunks, `memory_scan`'s `chunk_momentum`): inside a chunk each token adds only its own −θ ∇ℓ,
-    the carried momentum (times the first token's η) enters once; stable for every η < 1 at θ <= 1/C, with the
-    paper form's steady step θ/(1 − η) per token, and the paper's recurrence at chunk size 1.
+    `momentum="ema"` passes θ_t (1 − η_t) as the step (the momentum averages the scaled gradients instead of summing
+    them); `momentum="chunk"` keeps the paper's θ and η but steps the momentum once per chunk (`memory_scan`'s
+    `chunk_momentum`: each token adds its own −θ ∇ℓ, the carried momentum enters once per chunk); the default
+    `"paper"` is Eq. 10. Neither option is in the paper; why they exist (the paper's momentum diverges in chunk form
+    along a repeated key): docs/titans_memory_stability.md.
     """
 
     def __init__(

@@ -75,20 +75,19 @@ class TitansConfig(ModelConfig):
     mlp_dim: int = 384
     memory_heads: int = 4
     memory_head_dim: int = 0  # 0: d_model // memory_heads
-    # Layers of the memory MLP (1: a linear matrix memory). Depth >= 2 needs memory_max_grad_norm (below): unclipped it
-    # diverges on the default corpus within ~70 steps of lmm-tiny (its curvature grows with its own weights).
+    # Layers of the memory MLP (1: a linear matrix memory). Depth >= 2 needs memory_max_grad_norm (below; why:
+    # docs/titans_memory_stability.md).
     memory_depth: int = 1
     memory_expansion: int = 2  # hidden width of a deep memory, in multiples of memory_head_dim
     chunk_size: int = 16  # tokens per chunk: gradients inside a chunk are taken at its start memory
     conv_size: int = 4
-    # θ = max_lr * sigmoid(...). 0: 1 / chunk_size: without momentum a chunk of identical keys (gradients all at the
-    # chunk start) cannot overshoot (2θ * chunk_size <= 2); larger diverges on text; momentum: memory_momentum, below.
+    # θ = max_lr * sigmoid(...). 0: 1 / chunk_size (the bound: docs/titans_memory_stability.md).
     memory_max_lr: float = 0.0
-    # The memory's momentum: "paper" (Eq. 10; its chunk-parallel form diverges along a repeated key past the training
-    # length), "ema" (θ (1 − η) steps, stable) or "chunk" (one momentum step per chunk, stable): see `NeuralMemory`.
+    # The memory's momentum: "paper" (Eq. 10), "ema" (θ (1 − η) steps) or "chunk" (one momentum step per chunk): see
+    # `NeuralMemory` and docs/titans_memory_stability.md.
     memory_momentum: str = "paper"
     # > 0: each token's memory gradient (all layers, Frobenius norm) is clipped to this norm before the momentum. Not
-    # in the paper (0), but depth >= 2 needs it: unclipped, lmm-tiny at depth 2 gives NaN from step ~70 (docs).
+    # in the paper (0), but depth >= 2 needs it.
     memory_max_grad_norm: float = 0.0
     # The memory's chunk scan: xla (lax.scan) | pallas (the fused kernel of kernels_pallas/titans_memory.py: Mosaic on
     # TPU, Triton on GPU, interpret mode on CPU) | auto (the kernel on TPU/GPU, xla on CPU) | interpret.
