@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from kernels_pallas.flash_attention import flash_attention
-from lcjax.layers.attention import AttentionConfig, SelfAttention, dot_product_attention
+from lcjax.layers.attention import SelfAttention, dot_product_attention
 
 IMPLS = ("xla", "pallas")  # the `attention.impl` values window attention offers
 _PREFIX_SEGMENT = jnp.iinfo(jnp.int32).min  # the persistent slots' segment in the kernel (no document has it)
@@ -123,32 +122,10 @@ def _attention_with_lse(q, k, v, mask, scale):
 class WindowAttention(SelfAttention):
     """Sliding-window attention with an always-visible persistent prefix (parameters as `SelfAttention`)."""
 
-    def __init__(
-        self,
-        d_model: int,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        *,
-        window: int,
-        prefix: int,
-        rope_theta: float,
-        config: AttentionConfig,
-        init_std: float,
-        out_std: float,
-        rngs: nnx.Rngs,
-    ):
-        super().__init__(
-            d_model,
-            num_heads,
-            num_kv_heads,
-            head_dim,
-            rope_theta=rope_theta,
-            config=config,
-            init_std=init_std,
-            out_std=out_std,
-            rngs=rngs,
-        )
+    def __init__(self, *args, window: int, prefix: int, **kwargs):
+        """`window`: the latest slots a token sees in its document; `prefix`: the always-visible persistent slots;
+        the rest as `SelfAttention`."""
+        super().__init__(*args, **kwargs)
         self.window = window
         self.prefix = prefix
 
