@@ -33,17 +33,11 @@ from lcjax import models as models_lib
 from lcjax.data import pipeline
 from lcjax.errors import ConfigError
 from lcjax.eval.perplexity import evaluate
+from lcjax.experiments import score_cache
+from lcjax.experiments.comparison_report import SWEEP_PARAMETER, write_report
+from lcjax.experiments.score_cache import _recipe, load_scores, save_scores, scores_path  # noqa: F401
 from lcjax.train import loop
 from lcjax.train import run as run_lib
-
-SWEEP_PARAMETER = {  # the task parameter swept with the sequence length, per task
-    "mqar": "num_kv_pairs",
-    "passkey": "depth",
-    "niah_number": "depth",
-    "niah_word": "depth",
-    "phonebook": "num_entries",
-    "selective_copy": "num_tokens",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,169 +197,6 @@ def count_parameters(config) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract)))
 
 
-def write_report(results: dict[str, list[dict]], task: str, out_dir: str, meta: dict[str, Any]) -> list[str]:
-    """comparison.md (+ comparison.json) and PNG plots in `out_dir`; returns the written paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    parameter = SWEEP_PARAMETER[task]
-    seq_lens = sorted({r["seq_len"] for rows in results.values() for r in rows})
-    values = sorted({r[parameter] for rows in results.values() for r in rows})
-    lines = [f"# {task}: answer accuracy (exact match) by sequence length and {parameter}", ""]
-    lines += [f"- {k}: {v}" for k, v in meta.items()]
-    header = ["model"] + [f"L={s} {_short(parameter)}={v:g}" for s in seq_lens for v in values]
-    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for model, rows in results.items():
-        cells = {(r["seq_len"], r[parameter]): r for r in rows}
-        row = [model]
-        for s in seq_lens:
-            for v in values:
-                r = cells.get((s, v), {})
-                row.append("n/a" if "answer_accuracy" not in r else f"{100 * r['answer_accuracy']:.1f}%")
-                if r.get("nonfinite_fraction", 0) > 0:
-                    row[-1] += f" ({100 * r['nonfinite_fraction']:.0f}% inf/NaN)"
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "n/a: the task cannot be built at that point (see comparison.json for the reason)."]
-    if any(r.get("nonfinite_fraction", 0) > 0 for rows in results.values() for r in rows):
-        lines += [
-            "(x% inf/NaN): the share of examples whose logits at an answer are not finite (the model diverged); "
-            "they count as wrong."
-        ]
-    paths = [os.path.join(out_dir, "comparison.md"), os.path.join(out_dir, "comparison.json")]
-    with open(paths[0], "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(paths[1], "w") as f:
-        json.dump({"task": task, "meta": meta, "results": results}, f, indent=2)
-    try:
-        paths += _plots(results, parameter, seq_lens, values, out_dir)
-    except ImportError:
-        print("matplotlib is not installed (pip install -e '.[plots]'): wrote the table only", flush=True)
-    return paths
-
-
-def _short(parameter: str) -> str:
-    return {"num_kv_pairs": "D", "depth": "depth", "num_entries": "entries", "num_tokens": "tokens"}[parameter]
-
-
-def _plots(results, parameter, seq_lens, values, out_dir) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def accuracy(rows, s, v):
-        r = next((r for r in rows if r["seq_len"] == s and r[parameter] == v), {})
-        return 100 * r["answer_accuracy"] if "answer_accuracy" in r else float("nan")
-
-    fig, (by_len, by_value) = plt.subplots(1, 2, figsize=(11, 4))
-    for model, rows in results.items():
-        for v in values:
-            by_len.plot(
-                seq_lens,
-                [accuracy(rows, s, v) for s in seq_lens],
-                marker="o",
-                label=f"{model} {_short(parameter)}={v:g}",
-            )
-        for s in seq_lens:
-            by_value.plot(values, [accuracy(rows, s, v) for v in values], marker="o", label=f"{model} L={s}")
-    by_len.set(
-        xlabel="sequence length", ylabel="accuracy (%)", xscale="log", ylim=(-2, 102), title="by sequence length"
-    )
-    by_value.set(xlabel=parameter, ylabel="accuracy (%)", ylim=(-2, 102), title=f"by {parameter}")
-    by_len.set_xticks(seq_lens, [str(s) for s in seq_lens])
-    by_len.minorticks_off()
-    if parameter == "num_kv_pairs":  # MQAR: copying any value of the context scores 1/D
-        by_value.plot(values, [100 / v for v in values], "k--", linewidth=1, label="1/D (copy a context value)")
-    accuracy_png = _save(plt, fig, (by_len, by_value), os.path.join(out_dir, "accuracy.png"))
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    longest = max(seq_lens)
-    for model, rows in results.items():
-        for r in rows:
-            if r["seq_len"] != longest or "answer_accuracy" not in r:
-                continue
-            buckets = sorted(
-                (int(k.split("/")[1].split("-")[0]), val) for k, val in r.items() if k.startswith("loss_pos/")
-            )
-            ax.plot(
-                [max(b, 1) for b, _ in buckets],
-                [val for _, val in buckets],
-                marker="o",
-                label=f"{model} {_short(parameter)}={r[parameter]:g}",
-            )
-    ax.set(
-        xscale="log",
-        xlabel="position (bucket start)",
-        ylabel="loss at answers (nats)",
-        title=f"loss by position, L={longest}",
-    )
-    position_png = _save(plt, fig, (ax,), os.path.join(out_dir, "loss_by_position.png"))
-    return [accuracy_png, position_png]
-
-
-def _save(plt, fig, axes, path: str) -> str:
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def scores_path(out_dir: str, spec: str) -> str:
-    return os.path.join(out_dir, "scores", spec.replace(":", "_") + ".json")
-
-
-def _recipe(task, stages, seq_lens, values, overrides, init_from: str = "") -> dict[str, Any]:
-    """What a model's scores depend on: scores saved under another recipe are not reused."""
-    recipe = {
-        "task": task,
-        "stages": [dataclasses.astuple(s) for s in stages],
-        "seq_lens": list(seq_lens),
-        "values": list(values),
-        "overrides": dict(sorted(overrides.items())),
-    }
-    if init_from:  # only when set, so that the scores saved before this key existed still match
-        recipe["init_from"] = os.path.abspath(init_from)
-    return json.loads(json.dumps(recipe))
-
-
-def save_scores(out_dir: str, spec: str, recipe: dict, rows: list[dict], seconds: float, parameters: int) -> str:
-    """`<out_dir>/scores/<model>.json`: one model's grid, so that a comparison longer than one sitting (or one
-    machine) keeps what it finished; `compare` reuses it when the recipe is the same."""
-    path = scores_path(out_dir, spec)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    record = {
-        "model": spec,
-        "recipe": recipe,
-        "rows": rows,
-        "training_seconds": seconds,
-        "parameters": parameters,
-        "devices": _devices(),
-        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(path + ".tmp", path)
-    return path
-
-
-def load_scores(out_dir: str, spec: str, recipe: dict) -> dict | None:
-    """The saved record of `spec` if one exists for this exact recipe, else None."""
-    path = scores_path(out_dir, spec)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        record = json.load(f)
-    if record.get("recipe") != recipe:
-        print(f"[{spec}] {path} holds another recipe: training again", flush=True)
-        return None
-    return record
-
-
-def _devices() -> str:
-    return f"{jax.device_count()} x {jax.devices()[0].device_kind}"
-
-
 def _meta(stages, overrides, sizes, timings, models, devices, init_from=None) -> dict[str, Any]:
     meta = {
         "stages (seq_len:value:steps)": ", ".join(f"{s.seq_len}:{s.value:g}:{s.steps}" for s in stages),
@@ -442,7 +273,7 @@ def compare(
         if not train:
             print(f"[{spec}] no saved scores for this recipe: left out of the report", flush=True)
             continue
-        devices[spec] = _devices()
+        devices[spec] = score_cache.devices()
         last_dir, timings[spec] = train_model(spec, base, task, stages, mine, workdir, init_from.get(spec, ""))
         config = stage_config(base, task, stages[-1], mine)
         sizes[spec] = count_parameters(config)
