@@ -8,7 +8,7 @@ from lcjax import models
 from lcjax.config import from_dict
 from lcjax.errors import ConfigError
 from lcjax.layers.params import logical_axes
-from lcjax.models import titans
+from lcjax.models import titans, titans_mac
 from tests.conftest import assert_sharded_gradients_equal_one_device, packed_batch, tiny_run_losses
 
 SMALL = {
@@ -108,7 +108,9 @@ def test_segment_mask_sees_the_prefix_and_the_reads_and_tokens_up_to_now():
     size, prefix = 4, 2
     q_index = jnp.arange(size)[None]
     segments = jnp.array([[1, 1, 2, 2]])
-    mask = np.asarray(titans.segment_mask(q_index, size=size, prefix=prefix, q_segments=segments, k_segments=segments))
+    mask = np.asarray(
+        titans_mac.segment_mask(q_index, size=size, prefix=prefix, q_segments=segments, k_segments=segments)
+    )
     assert mask.shape == (1, size, prefix + 2 * size)
     for i in range(size):
         for key in range(prefix + 2 * size):
@@ -124,11 +126,11 @@ def test_mac_residual_store_is_the_memory_over_the_tokens_when_attention_is_sile
     block = titans.Block(cfg, rngs=nnx.Rngs(3))
     block.attn.wo[...] = jnp.zeros_like(block.attn.wo[...])
     h = jax.random.normal(jax.random.key(4), (2, 11, cfg.d_model))
-    y, m, _ = block._mac(h, None)
+    y, m, _ = titans_mac.mac_parallel(block, h, None)
     np.testing.assert_array_equal(y, 0.0)
     np.testing.assert_allclose(m, block.mixer(h, None), atol=1e-6, rtol=0)
     block.store_residual = False
-    _, m_literal, _ = block._mac(h, None)
+    _, m_literal, _ = titans_mac.mac_parallel(block, h, None)
     assert float(jnp.max(jnp.abs(m_literal - block.mixer(h, None)))) > 1e-3
 
 
