@@ -333,6 +333,11 @@ def _moved_attention(values: dict[str, Any], model_values: dict[str, Any]) -> di
     return model_values
 
 
+# Model fields renamed to the `<mixer>_impl` pattern on 2026-12-04: a config written before (a `config.json`, a
+# checkpoint's metadata, an exported folder) still reads.
+_RENAMED = {"mamba2": {"scan_impl": "ssd_impl"}, "xlstm": {"cell_impl": "mlstm_impl"}}
+
+
 def from_dict(values: dict[str, Any]) -> Config:
     """Builds a Config from nested plain dicts (a ConfigDict's `to_dict()`, or a saved config.json)."""
     unknown = sorted(set(values) - set(SECTIONS) - {"model", "attention"})
@@ -343,6 +348,9 @@ def from_dict(values: dict[str, Any]) -> Config:
     if name not in registry.names():
         raise ConfigError("model.name", f"unknown model {name!r}; expected one of {registry.names()}")
     model_values = _moved_attention(values, model_values)
+    for old_key, new_key in _RENAMED.get(name, {}).items():
+        if old_key in model_values:
+            model_values.setdefault(new_key, model_values.pop(old_key))
     sections = {k: build_section(cls, dict(values.get(k, {})), k) for k, cls in SECTIONS.items()}
     model = build_section(registry.config_class(name), model_values, "model")
     return Config(model=model, **sections)

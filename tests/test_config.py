@@ -11,7 +11,7 @@ def test_tiny_preset_fills_the_data_axis():
     assert (tiny.train.seq_len, tiny.mesh.shape(8)) == (256, {"data": 8, "fsdp": 1, "tensor": 1, "sequence": 1})
 
 
-def test_attention_settings_live_in_the_section_of_the_model_that_attends():
+def test_attention_settings_live_in_the_section_of_the_model_that_attends_and_old_configs_still_read():
     assert make_config(model={"attention": {"impl": "pallas"}}).model.attention.impl == "pallas"
     mag = {"name": "titans", "variant": "mag", "attention": {"impl": "pallas"}}
     assert from_dict({"model": mag}).validate(device_count=8).model.attention.impl == "pallas"
@@ -20,6 +20,9 @@ def test_attention_settings_live_in_the_section_of_the_model_that_attends():
     assert (legacy.model.attention.impl, legacy.model.attention.ring_layout) == ("pallas", "striped")
     # ...and is dropped for a model that does not attend when it holds the defaults (it was ignored then)
     assert from_dict({"model": {"name": "mamba2"}, "attention": {"impl": "xla"}}).model.name == "mamba2"
+    # the implementation switches renamed to `<mixer>_impl` read from an older config.json too
+    assert from_dict({"model": {"name": "mamba2", "scan_impl": "interpret"}}).model.ssd_impl == "interpret"
+    assert from_dict({"model": {"name": "xlstm", "cell_impl": "interpret"}}).model.mlstm_impl == "interpret"
     refused = [
         ({"model": {"name": "mamba2"}, "attention": {"impl": "pallas"}}, "attention.impl"),
         ({"model": {"name": "xlstm", "attention": {"impl": "xla"}}}, "model.attention"),

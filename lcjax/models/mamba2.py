@@ -28,7 +28,7 @@ from lcjax.errors import ConfigError
 from lcjax.layers.conv import causal_conv
 from lcjax.layers.norms import RMSNorm
 from lcjax.layers.params import normal, ones, param
-from lcjax.layers.ssd import IMPLS as SCAN_IMPLS
+from lcjax.layers.ssd import IMPLS as SSD_IMPLS
 from lcjax.layers.ssd import ssd_scan
 from lcjax.layers.stack import LayerStack
 from lcjax.models.lm import CausalLM, ModelConfig
@@ -44,7 +44,7 @@ class Mamba2Config(ModelConfig):
     head_dim: int = 32
     n_groups: int = 1
     chunk_size: int = 64
-    scan_impl: str = "xla"  # the chunked SSD in XLA, or the Pallas kernel: pallas | interpret | auto
+    ssd_impl: str = "xla"  # the chunked SSD in XLA, or the Pallas kernel: pallas | interpret | auto
     dt_min: float = 1e-3
     dt_max: float = 0.1
     dt_floor: float = 1e-4
@@ -63,8 +63,8 @@ class Mamba2Config(ModelConfig):
         for name in ("d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name}", f"must be > 0, got {getattr(self, name)}")
-        if self.scan_impl not in SCAN_IMPLS:
-            raise ConfigError("model.scan_impl", f"={self.scan_impl!r}; expected one of {list(SCAN_IMPLS)}")
+        if self.ssd_impl not in SSD_IMPLS:
+            raise ConfigError("model.ssd_impl", f"={self.ssd_impl!r}; expected one of {list(SSD_IMPLS)}")
         if self.d_inner % self.head_dim:
             raise ConfigError(
                 "model.head_dim", f"={self.head_dim} must divide d_inner = expand*d_model = {self.d_inner}"
@@ -164,7 +164,7 @@ class Mixer(nnx.Module):
             chunk_size=chunk,
             initial_state=None if cache is None else cache["ssm"],
             segment_ids=segment_ids,
-            impl=cfg.scan_impl,
+            impl=cfg.ssd_impl,
         )
         y = y + self.d_skip[...].astype(jnp.float32)[:, None] * x
         y = y * jax.nn.silu(z.astype(jnp.float32))

@@ -33,7 +33,7 @@ from lcjax.errors import ConfigError
 from lcjax.layers.conv import causal_conv
 from lcjax.layers.mlp import SwiGLU
 from lcjax.layers.mlstm import FORMS, mlstm_cell, mlstm_step
-from lcjax.layers.mlstm import IMPLS as CELL_IMPLS
+from lcjax.layers.mlstm import IMPLS as MLSTM_IMPLS
 from lcjax.layers.norms import OffsetLayerNorm, RMSNorm, head_norm
 from lcjax.layers.params import normal, ones, param, small_init, wang_init, zeros
 from lcjax.layers.slstm import slstm_scan
@@ -72,7 +72,7 @@ class XLSTMConfig(ModelConfig):
     norm_eps: float = 1e-6
     cell_eps: float = 1e-6
     cell_form: str = "chunkwise"  # parallel | chunkwise | recurrent (training and prefill)
-    cell_impl: str = "xla"  # the chunkwise form in XLA, or the Pallas kernel: pallas | interpret | auto
+    mlstm_impl: str = "xla"  # the chunkwise form in XLA, or the Pallas kernel: pallas | interpret | auto
     chunk_size: int = 64
     tie_embeddings: bool = False
 
@@ -129,11 +129,11 @@ class XLSTMConfig(ModelConfig):
                 raise ConfigError("model.num_heads", f"={heads} must divide model.d_model={self.d_model} (sLSTM)")
         if self.cell_form not in FORMS:
             raise ConfigError("model.cell_form", f"={self.cell_form!r}; expected one of {list(FORMS)}")
-        if self.cell_impl not in CELL_IMPLS:
-            raise ConfigError("model.cell_impl", f"={self.cell_impl!r}; expected one of {list(CELL_IMPLS)}")
-        if self.cell_impl != "xla" and self.cell_form != "chunkwise":
+        if self.mlstm_impl not in MLSTM_IMPLS:
+            raise ConfigError("model.mlstm_impl", f"={self.mlstm_impl!r}; expected one of {list(MLSTM_IMPLS)}")
+        if self.mlstm_impl != "xla" and self.cell_form != "chunkwise":
             raise ConfigError(
-                "model.cell_impl", f"={self.cell_impl!r} needs model.cell_form='chunkwise', got {self.cell_form!r}"
+                "model.mlstm_impl", f"={self.mlstm_impl!r} needs model.cell_form='chunkwise', got {self.cell_form!r}"
             )
         ffn = ("ffn_proj_factor", self.ffn_dim) if self.variant == "large" else ("slstm_ffn_factor", self.slstm_ffn_dim)
         self.check_divisible("tensor", mesh, num_heads=heads, **dict([ffn]))
@@ -179,7 +179,7 @@ def _run_cell(cfg: XLSTMConfig, q, k, v, i, f, state, segment_ids):
             chunk_size=cfg.chunk_size,
             eps=cfg.cell_eps,
             segment_ids=segment_ids,
-            impl=cfg.cell_impl,
+            impl=cfg.mlstm_impl,
         )
     elif q.shape[2] == 1:
         h, state = mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], state, eps=cfg.cell_eps)
@@ -195,7 +195,7 @@ def _run_cell(cfg: XLSTMConfig, q, k, v, i, f, state, segment_ids):
             chunk_size=cfg.chunk_size,
             eps=cfg.cell_eps,
             initial_state=state,
-            impl=cfg.cell_impl,
+            impl=cfg.mlstm_impl,
         )
     return jnp.swapaxes(h, 1, 2), state  # [batch, length, heads, dv]
 

@@ -114,18 +114,18 @@ def test_bad_configs_name_the_field(model, mesh, field):
 
 
 def test_pallas_scan_gives_the_xla_logits():
-    """model.scan_impl=interpret runs SSD as the chunkwise Pallas kernel (interpret mode): the same logits with packed
+    """model.ssd_impl=interpret runs SSD as the chunkwise Pallas kernel (interpret mode): the same logits with packed
     documents and a length that is not a multiple of the chunk."""
     tokens = _tokens((2, 11))
     batch = {"inputs": tokens, "segment_ids": jnp.array([[1] * 6 + [2] * 5, [1] * 11])}
     want = _forward(_model(), batch)
-    np.testing.assert_allclose(_forward(_model(scan_impl="interpret"), batch), want, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(_forward(_model(ssd_impl="interpret"), batch), want, atol=2e-5, rtol=1e-5)
 
 
 # The XLA path's sharded gradients are the protocol test's (tests/models/test_protocol.py).
 def test_pallas_scan_sharded_gradients_on_data_2_tensor_2_equal_one_device():
-    """scan_impl=interpret: the Pallas kernel runs per device shard (batch over data, heads over tensor)."""
-    config = _config({"scan_impl": "interpret"}, train={"batch_size": 4, "seq_len": 12})
+    """ssd_impl=interpret: the Pallas kernel runs per device shard (batch over data, heads over tensor)."""
+    config = _config({"ssd_impl": "interpret"}, train={"batch_size": 4, "seq_len": 12})
     grads = assert_sharded_gradients_equal_one_device(config, packed_batch())
     assert grads["layers"]["blocks"]["mixer"]["w_x"].sharding.spec[2] == "tensor"  # heads split
 

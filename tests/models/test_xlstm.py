@@ -150,12 +150,12 @@ def test_bad_configs_name_the_field(model, mesh, field):
     "overrides",
     [
         {},
-        pytest.param({"cell_impl": "interpret"}, marks=pytest.mark.slow),  # Mamba-2's sharded test runs the kernel
+        pytest.param({"mlstm_impl": "interpret"}, marks=pytest.mark.slow),  # Mamba-2's sharded test runs the kernel
         pytest.param(NEURIPS, marks=pytest.mark.slow),
     ],
 )
 def test_sharded_gradients_on_data_2_tensor_2_equal_one_device(overrides):
-    """cell_impl=interpret: the Pallas kernel runs per device shard (batch over data, heads over tensor)."""
+    """mlstm_impl=interpret: the Pallas kernel runs per device shard (batch over data, heads over tensor)."""
     grads = assert_sharded_gradients_equal_one_device(
         _config(overrides, train={"batch_size": 4, "seq_len": 12}), packed_batch()
     )
@@ -173,12 +173,12 @@ def test_tiny_preset_trains_through_main(tmp_path, preset):
 
 @pytest.mark.parametrize("overrides", [{}, pytest.param(NEURIPS, marks=pytest.mark.slow)])
 def test_pallas_cell_gives_the_xla_logits(overrides):
-    """model.cell_impl=interpret runs the chunkwise Pallas kernel (interpret mode): the same logits with packed
+    """model.mlstm_impl=interpret runs the chunkwise Pallas kernel (interpret mode): the same logits with packed
     documents and a length that is not a multiple of the chunk."""
     tokens = _tokens((2, 11))
     batch = {"inputs": tokens, "segment_ids": jnp.array([[1] * 6 + [2] * 5, [1] * 11])}
     want = _forward(_model(**overrides), batch)
-    got = _forward(_model(**overrides, cell_impl="interpret"), batch)
+    got = _forward(_model(**overrides, mlstm_impl="interpret"), batch)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
 
 

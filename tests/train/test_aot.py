@@ -68,8 +68,8 @@ def _recurrent_preset(module: str, preset: str, **model):
     "module,preset,model,kernels",
     [
         ("titans", "lmm-tiny", {"memory_impl": "pallas"}, 4),  # with and without the restart terms (a lax.cond)
-        ("xlstm", "large-tiny", {"cell_impl": "pallas"}, 2),
-        ("mamba2", "tiny", {"scan_impl": "pallas"}, 2),
+        ("xlstm", "large-tiny", {"mlstm_impl": "pallas"}, 2),
+        ("mamba2", "tiny", {"ssd_impl": "pallas"}, 2),
     ],
 )
 def test_recurrent_kernels_compile_in_the_sharded_step_for_tpu(module, preset, model, kernels):
