@@ -34,7 +34,8 @@ from absl import app, flags  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from lcjax.layers.attention import causal_segment_mask, dot_product_attention  # noqa: E402
-from lcjax.parallel import ring_attention as ring  # noqa: E402
+from lcjax.parallel import ring_attention as ring
+from lcjax.parallel import ring_layout  # noqa: E402
 from lcjax.parallel.mesh import make_mesh  # noqa: E402
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["4096", "8192", "16384", "32768", "65536"], "Sequence lengths.")
@@ -154,11 +155,11 @@ def main(argv):
     print("\ncritical-path work of a causal ring over 8 devices (full blocks; 8 = no load balancing)")
     print("| layout | critical path | visible fraction of the computed pairs | step s (T=4096) |")
     print("|---|---|---|---|")
-    for layout in ring.LAYOUTS:
+    for layout in ring_layout.LAYOUTS:
         exe, _, _ = _compile("ring", 4096, mesh8, layout)
         entry = {
-            "critical_path_blocks": ring.critical_path_work(layout, 8),
-            "visible_fraction": ring.visible_fraction(layout, 8, 4096),
+            "critical_path_blocks": ring_layout.critical_path_work(layout, 8),
+            "visible_fraction": ring_layout.visible_fraction(layout, 8, 4096),
             "step_s_T4096": _time(exe, 4096, mesh8),
         }
         results["critical_path"][layout] = entry

@@ -27,6 +27,7 @@ from lcjax.errors import ConfigError
 from lcjax.layers.params import normal, param
 from lcjax.layers.rope import apply_rope
 from lcjax.parallel import ring_attention as ring
+from lcjax.parallel import ring_layout
 from lcjax.parallel.sharding import constrain, logical_to_spec
 
 IMPLS = ("xla", "pallas", "cudnn", "ring")
@@ -45,9 +46,10 @@ class AttentionConfig:
         """`impls`: the implementations the model's attention offers (a model may offer fewer than `IMPLS`)."""
         if self.impl not in impls:
             raise ConfigError("model.attention.impl", f"={self.impl!r}; this model's attention offers {list(impls)}")
-        if self.ring_layout not in ring.LAYOUTS:
+        if self.ring_layout not in ring_layout.LAYOUTS:
             raise ConfigError(
-                "model.attention.ring_layout", f"unknown layout {self.ring_layout!r}; expected one of {ring.LAYOUTS}"
+                "model.attention.ring_layout",
+                f"unknown layout {self.ring_layout!r}; expected one of {ring_layout.LAYOUTS}",
             )
         if self.ring_engine not in ring.ENGINES:
             raise ConfigError(
@@ -73,10 +75,10 @@ def ring_shards(config: AttentionConfig) -> int:
 
 def ring_permutation(config: AttentionConfig, length: int) -> np.ndarray | None:
     """The token order of ring attention's layout (device r holds block r of the permuted sequence) when it shards
-    the sequence, else None: a model permutes its inputs with `ring.to_layout` once and its hidden states back with
-    `ring.from_layout`."""
+    the sequence, else None: a model permutes its inputs with `ring_layout.to_layout` once and its hidden states
+    back with `ring_layout.from_layout`."""
     shards = ring_shards(config)
-    return ring.permutation(length, shards, config.ring_layout) if shards > 1 else None
+    return ring_layout.permutation(length, shards, config.ring_layout) if shards > 1 else None
 
 
 def causal_segment_mask(

@@ -32,23 +32,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from kernels_pallas import common as kernel_common
 from kernels_pallas import flash_attention as flash
-from lcjax.parallel.ring_layout import (  # noqa: F401 (the layout functions are part of this module's API)
-    _DIAGONAL,
-    _FULL,
-    _KEY_FIRST_HALF,
-    _QUERY_SECOND_HALF,
-    _SKIP,
-    ENGINES,
-    LAYOUTS,
-    check_layout,
-    critical_path_work,
-    from_layout,
-    local_slots,
-    permutation,
-    step_plan,
-    to_layout,
-    visible_fraction,
-)
+from lcjax.parallel.ring_layout import from_layout, local_slots, permutation, step_plan, to_layout
+
+ENGINES = ("auto", "jnp", "pallas")  # how each ring step computes its block: jnp einsums or the flash kernel
 
 # -- blockwise math ---------------------------------------------------------------------------------------------
 # q [B, cq, K, G, D] (query heads grouped by their KV head), k/v [B, ck, K, D]; statistics m, l [B, K, G, cq],

@@ -18,8 +18,6 @@ import numpy as np
 
 LAYOUTS = ("zigzag", "contiguous", "striped")
 
-ENGINES = ("auto", "jnp", "pallas")
-
 # plan of one ring step: which part of the (query block × visiting key block) pairs is computed; _DIAGONAL is the
 # first step of a causal ring (the local block, causal in local order for every layout)
 _FULL, _KEY_FIRST_HALF, _QUERY_SECOND_HALF, _SKIP, _DIAGONAL = 0, 1, 2, 3, 4

@@ -11,6 +11,7 @@ from flax import nnx
 from kernels_pallas.flash_attention import reference
 from lcjax import models
 from lcjax.parallel import ring_attention as ring
+from lcjax.parallel import ring_layout
 from lcjax.parallel.mesh import make_mesh
 from lcjax.train.step import Trainer
 from tests.conftest import make_config
@@ -63,50 +64,53 @@ def test_ring_equals_dense_attention(case):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("layout", ring.LAYOUTS)
+@pytest.mark.parametrize("layout", ring_layout.LAYOUTS)
 @pytest.mark.parametrize("num_shards", [2, 4, 8])
 def test_layout_is_a_permutation_and_plans_drop_no_visible_pair(layout, num_shards):
     length = 4 * num_shards
-    perm = ring.permutation(length, num_shards, layout)
+    perm = ring_layout.permutation(length, num_shards, layout)
     np.testing.assert_array_equal(np.sort(perm), np.arange(length))
     x = np.arange(3 * length).reshape(3, length)
-    np.testing.assert_array_equal(ring.from_layout(ring.to_layout(x, perm), perm), x)
+    np.testing.assert_array_equal(ring_layout.from_layout(ring_layout.to_layout(x, perm), perm), x)
     block, half = length // num_shards, length // num_shards // 2
     for step in range(num_shards):
         for rank in range(num_shards):
-            q_slots = np.asarray(ring.local_slots(layout, rank, num_shards, block))
-            k_slots = np.asarray(ring.local_slots(layout, (rank - step) % num_shards, num_shards, block))
+            q_slots = np.asarray(ring_layout.local_slots(layout, rank, num_shards, block))
+            k_slots = np.asarray(ring_layout.local_slots(layout, (rank - step) % num_shards, num_shards, block))
             visible = k_slots[None, :] <= q_slots[:, None]
-            plan = int(ring.step_plan(layout, True, step, rank, num_shards))
+            plan = int(ring_layout.step_plan(layout, True, step, rank, num_shards))
             dropped = {
-                ring._FULL: np.zeros_like(visible),
-                ring._DIAGONAL: np.zeros_like(visible),
-                ring._KEY_FIRST_HALF: np.arange(block)[None, :] >= half,
-                ring._QUERY_SECOND_HALF: np.arange(block)[:, None] < half,
-                ring._SKIP: np.ones_like(visible),
+                ring_layout._FULL: np.zeros_like(visible),
+                ring_layout._DIAGONAL: np.zeros_like(visible),
+                ring_layout._KEY_FIRST_HALF: np.arange(block)[None, :] >= half,
+                ring_layout._QUERY_SECOND_HALF: np.arange(block)[:, None] < half,
+                ring_layout._SKIP: np.ones_like(visible),
             }[plan]
             assert not (visible & dropped).any(), (layout, step, rank, plan)
 
 
 def test_critical_path_work_per_layout():
     # zigzag: one full block (step 0), then exactly half a block on every device at every step
-    assert ring.critical_path_work("zigzag", 8) == 1 + 7 * 0.5
+    assert ring_layout.critical_path_work("zigzag", 8) == 1 + 7 * 0.5
     # contiguous: the last device works at every step; striped computes full (half-masked) blocks
-    assert ring.critical_path_work("contiguous", 8) == 8
-    assert ring.critical_path_work("striped", 8) == 8
-    assert ring.critical_path_work("zigzag", 8, causal=False) == 8
+    assert ring_layout.critical_path_work("contiguous", 8) == 8
+    assert ring_layout.critical_path_work("striped", 8) == 8
+    assert ring_layout.critical_path_work("zigzag", 8, causal=False) == 8
     # zigzag and contiguous skip the same fully masked blocks (zigzag spreads them evenly over the devices);
     # striped computes every block, of which about half is visible
-    zigzag, contiguous = ring.visible_fraction("zigzag", 8, 256), ring.visible_fraction("contiguous", 8, 256)
+    zigzag, contiguous = (
+        ring_layout.visible_fraction("zigzag", 8, 256),
+        ring_layout.visible_fraction("contiguous", 8, 256),
+    )
     assert zigzag == pytest.approx(contiguous) and zigzag > 0.85
-    assert 0.45 < ring.visible_fraction("striped", 8, 256) < 0.55
+    assert 0.45 < ring_layout.visible_fraction("striped", 8, 256) < 0.55
 
 
 def test_bad_layout_and_length_say_what_was_expected():
     with pytest.raises(ValueError, match="unknown ring layout"):
-        ring.permutation(16, 4, "spiral")
+        ring_layout.permutation(16, 4, "spiral")
     with pytest.raises(ValueError, match="multiple of 8 for the zigzag layout over 4 devices"):
-        ring.permutation(20, 4, "zigzag")
+        ring_layout.permutation(20, 4, "zigzag")
 
 
 def _one_step(mesh_sizes, attention):
