@@ -19,6 +19,7 @@ from lcjax.data.tokenizers import ByteTokenizer
 from lcjax.errors import ConfigError
 from lcjax.layers.attention import AttentionConfig
 from lcjax.models import registry
+from lcjax.models.lm import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,13 +295,29 @@ def build_section(cls: type, values: dict[str, Any], prefix: str) -> Any:
         raise ConfigError(f"{prefix}.{unknown[0]}", f"unknown key; expected one of {sorted(names)}")
     kwargs = {}
     for k, v in values.items():
-        if dataclasses.is_dataclass(hints[k]):
+        if isinstance(hints[k], type) and issubclass(hints[k], ModelConfig):
+            kwargs[k] = _model_section(v, f"{prefix}.{k}")
+        elif dataclasses.is_dataclass(hints[k]):
             if not isinstance(v, dict):
                 raise ConfigError(f"{prefix}.{k}", f"is a section; expected a dict, got {v!r}")
             kwargs[k] = build_section(hints[k], v, f"{prefix}.{k}")
         else:
             kwargs[k] = _coerce(f"{prefix}.{k}", v, hints[k])
     return cls(**kwargs)
+
+
+def _model_section(values: Any, prefix: str) -> ModelConfig:
+    """A model section (`model`, or a wrapper's `model.backbone`): its dataclass is the registry's for its `name`."""
+    if not isinstance(values, dict):
+        raise ConfigError(prefix, f"is a section; expected a dict, got {values!r}")
+    values = dict(values)
+    name = values.get("name")
+    if name not in registry.names():
+        raise ConfigError(f"{prefix}.name", f"unknown model {name!r}; expected one of {registry.names()}")
+    for old_key, new_key in _RENAMED.get(name, {}).items():
+        if old_key in values:
+            values.setdefault(new_key, values.pop(old_key))
+    return build_section(registry.config_class(name), values, prefix)
 
 
 SECTIONS = {
@@ -344,15 +361,12 @@ def from_dict(values: dict[str, Any]) -> Config:
     if unknown:
         raise ConfigError(unknown[0], f"unknown section; expected model or one of {sorted(SECTIONS)}")
     model_values = dict(values.get("model", {}))
-    name = model_values.get("name")
-    if name not in registry.names():
+    if model_values.get("name") not in registry.names():
+        name = model_values.get("name")
         raise ConfigError("model.name", f"unknown model {name!r}; expected one of {registry.names()}")
     model_values = _moved_attention(values, model_values)
-    for old_key, new_key in _RENAMED.get(name, {}).items():
-        if old_key in model_values:
-            model_values.setdefault(new_key, model_values.pop(old_key))
     sections = {k: build_section(cls, dict(values.get(k, {})), k) for k, cls in SECTIONS.items()}
-    model = build_section(registry.config_class(name), model_values, "model")
+    model = _model_section(model_values, "model")
     return Config(model=model, **sections)
 
 

@@ -5,7 +5,8 @@ subclass that implements `hidden(batch)` (the parallel form up to the last block
 decode state). The skeleton supplies the rest of the model protocol (`docs/design.md`):
 
     x_0 = E[tokens]                                    `embed_tokens` (a family may add to it)
-    h, aux = model.hidden(batch)                       [batch, length, d_model]: what wrappers such as HMT read
+    h, aux = model.hidden(batch)                       [batch, length, d_model]; = hidden_embedded(x_0, ...), the
+                                                       parallel form on embeddings (what HMT runs its slots through)
     logits = model.head(h)                             cap · tanh(s · Norm(h) W / cap), W = Eᵀ when tied, else lm_head;
                                                        s = d_model^-1/2 for tied families with unit-variance
                                                        embeddings (`scale_tied_logits`), else 1; no cap when cap = 0
@@ -74,6 +75,11 @@ class ModelConfig:
                 f"={mesh['sequence']}: model {self.name} is recurrent over the sequence; use mesh.sequence=1",
             )
 
+    def train_loss_mask(self, loss_mask: Any) -> Any:
+        """The training loss mask of a host batch ([batch, length] numpy) as this model trains on it; the eval sets
+        keep theirs. A family that trains on part of each row (HMT's last segment) narrows it here."""
+        return loss_mask
+
     def check_divisible(self, mesh_axis: str, mesh: dict[str, int], **widths: int) -> None:
         """Each `model.<name>` (a field, or the width a field gives) must be divisible by mesh axis `mesh_axis`."""
         size = mesh[mesh_axis]
@@ -116,12 +122,27 @@ class CausalLM(nnx.Module):
 
     def hidden(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The parallel form up to the last block: batch (`lcjax.data.batch.MODEL_KEYS`) -> ([B, T, d_model], aux)."""
+        positions = parallel_positions(batch)
+        x = self.embed_tokens(batch["inputs"], positions)
+        return self.hidden_embedded(x, positions=positions, segment_ids=batch.get("segment_ids"))
+
+    def hidden_embedded(
+        self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The parallel form on embedded inputs x [B, T, d_model]: what `embed_tokens` gives, or vectors of a
+        wrapper's own (HMT's memory slots). `positions` [B, T] as in the batch; `segment_ids` [B, T] or None (one
+        document). -> (hidden [B, T, d_model], aux). Every family implements this."""
         raise NotImplementedError
+
+    def final_hidden(self, h: jax.Array) -> jax.Array:
+        """The final norm of hidden states h [..., d_model]: the last layer's output as the head reads it (what
+        HF calls `hidden_states[-1]`; HMT's summaries and memory embeddings)."""
+        return getattr(self, self.final_norm_name)(h)
 
     def head(self, h: jax.Array) -> jax.Array:
         """Hidden states [..., d_model] -> logits [..., vocab] (module docstring)."""
         cfg = self.cfg
-        x = getattr(self, self.final_norm_name)(h)
+        x = self.final_hidden(h)
         w = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
         logits = x @ w.astype(x.dtype)
         if cfg.tie_embeddings and self.scale_tied_logits:

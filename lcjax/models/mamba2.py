@@ -197,10 +197,11 @@ class Mamba2(CausalLM):
         )
         self._init_head(RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs), rngs, normal(cfg.init_std))
 
-    def hidden(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Parallel form. batch: inputs [B, T] int32, optional segment_ids (exact resets). -> [B, T, d_model]."""
-        tokens = batch["inputs"]
-        x, _ = self.layers(self.embed_tokens(tokens, None), None, segment_ids=batch.get("segment_ids"))
+    def hidden_embedded(self, x, *, positions, segment_ids=None):
+        """Parallel form on embedded inputs x [B, T, d_model]; segment_ids (exact resets) or None. `positions` is not
+        used (the recurrence orders the tokens). -> [B, T, d_model]."""
+        del positions
+        x, _ = self.layers(x, None, segment_ids=segment_ids)
         return x, {}
 
     def layer_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype) -> dict[str, jax.Array]:

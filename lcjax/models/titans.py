@@ -317,17 +317,16 @@ class Titans(CausalLM):
         prefix = jnp.broadcast_to(self.persistent[...].astype(x.dtype), (x.shape[0], *self.persistent.shape))
         return jnp.concatenate([prefix, x], axis=1)
 
-    def hidden(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Parallel form. batch: inputs [B, T] int32, optional segment_ids. -> hidden [B, T, d_model] at the token
-        positions. Positions are the slot indices of P ‖ tokens (`batch["positions"]` is not used)."""
-        tokens = batch["inputs"]
-        segment_ids = batch.get("segment_ids")
+    def hidden_embedded(self, x, *, positions, segment_ids=None):
+        """Parallel form on embedded inputs x [B, T, d_model]; segment_ids or None. -> hidden [B, T, d_model] at the
+        token positions. Positions are the slot indices of P ‖ tokens (`positions` is not used)."""
+        del positions
         prefix = self.prefix
         if segment_ids is not None and prefix:  # the persistent tokens belong to the first document of the row
             segment_ids = jnp.concatenate([jnp.repeat(segment_ids[:, :1], prefix, axis=1), segment_ids], axis=1)
-        x = self._with_persistent(self.embed_tokens(tokens, None))
-        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-        x, _ = self.layers(x, None, segment_ids=segment_ids, positions=positions)
+        x = self._with_persistent(x)
+        slots = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+        x, _ = self.layers(x, None, segment_ids=segment_ids, positions=slots)
         return x[:, prefix:], {}
 
     def init_cache(self, batch_size: int, max_len: int = 0, dtype: jnp.dtype = jnp.float32) -> dict[str, Any]:

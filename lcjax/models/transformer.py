@@ -20,7 +20,7 @@ from lcjax.layers.mlp import SwiGLU
 from lcjax.layers.norms import RMSNorm
 from lcjax.layers.params import normal, param
 from lcjax.layers.stack import LayerStack
-from lcjax.models.lm import CausalLM, ModelConfig, parallel_positions
+from lcjax.models.lm import CausalLM, ModelConfig
 from lcjax.parallel import ring_layout as ring
 from lcjax.parallel.sharding import constrain
 
@@ -133,19 +133,18 @@ class Transformer(CausalLM):
             x = x + jnp.take(self.pos_embed[...], positions, axis=0)
         return constrain(x, ("batch", "length", "embed"))
 
-    def hidden(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Parallel form. batch: inputs [B, T] int32, optional positions, segment_ids. -> hidden [B, T, d_model].
+    def hidden_embedded(self, x, *, positions, segment_ids=None):
+        """Parallel form on embedded inputs x [B, T, d_model] at `positions` [B, T] (RoPE) -> hidden [B, T, d_model].
 
-        With ring attention over a `sequence` axis of N > 1 devices, the tokens, positions and segment ids are
+        With ring attention over a `sequence` axis of N > 1 devices, the inputs, positions and segment ids are
         permuted once into the ring layout (device r holds block r of the permuted sequence), every layer works in
         that order (RoPE sees the global positions), and the hidden states return to natural order, so callers
         never see the layout."""
-        tokens, positions, segment_ids = batch["inputs"], parallel_positions(batch), batch.get("segment_ids")
-        perm = ring_permutation(self.cfg.attention, tokens.shape[1])
+        perm = ring_permutation(self.cfg.attention, x.shape[1])
         if perm is not None:
-            tokens, positions = ring.to_layout(tokens, perm), ring.to_layout(positions, perm)
+            x, positions = ring.to_layout(x, perm), ring.to_layout(positions, perm)
             segment_ids = None if segment_ids is None else ring.to_layout(segment_ids, perm)
-        x, _ = self.layers(self.embed_tokens(tokens, positions), None, positions=positions, segment_ids=segment_ids)
+        x, _ = self.layers(constrain(x, ("batch", "length", "embed")), None, positions=positions, segment_ids=segment_ids)
         return (x if perm is None else ring.from_layout(x, perm)), {}
 
     def layer_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype) -> dict[str, jax.Array]:

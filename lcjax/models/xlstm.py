@@ -415,9 +415,11 @@ class XLSTM(CausalLM):
         norm = RMSNorm(d, eps=cfg.norm_eps, rngs=rngs) if large else OffsetLayerNorm(d, eps=cfg.norm_eps, rngs=rngs)
         self._init_head(norm, rngs, small_init(d))
 
-    def hidden(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Parallel form. batch: inputs [B, T] int32, optional segment_ids (exact resets). -> [B, T, d_model]."""
-        x, _ = self.layers(self.embed_tokens(batch["inputs"], None), None, segment_ids=batch.get("segment_ids"))
+    def hidden_embedded(self, x, *, positions, segment_ids=None):
+        """Parallel form on embedded inputs x [B, T, d_model]; segment_ids (exact resets) or None. `positions` is not
+        used (the recurrence orders the tokens). -> [B, T, d_model]."""
+        del positions
+        x, _ = self.layers(x, None, segment_ids=segment_ids)
         return x, {}
 
     def layer_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype) -> dict[str, Any]:

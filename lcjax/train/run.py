@@ -130,12 +130,17 @@ def load_train_batches(run: Run):
         batches = pipeline.example_train_batches(
             examples, global_batch=cfg.train.batch_size, seed=cfg.train.seed, **shard
         )
-        return batches, None
+        return _with_model_loss_mask(batches, cfg.model), None
     stream = load_split(run, "train")
     batches = pipeline.train_batches(
         stream, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size, seed=cfg.train.seed, **shard
     )
-    return batches, stream.num_tokens
+    return _with_model_loss_mask(batches, cfg.model), stream.num_tokens
+
+
+def _with_model_loss_mask(batches, model_config):
+    """Training batches with the loss mask the model trains on (`ModelConfig.train_loss_mask`)."""
+    return batches.map(lambda b: {**b, "loss_mask": model_config.train_loss_mask(b["loss_mask"])})
 
 
 def evaluate_all(run: Run, eval_fns: dict[str, Any], params: Any, sets: EvalSets) -> dict[str, dict[str, float]]:

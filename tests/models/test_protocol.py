@@ -44,7 +44,7 @@ class Spec:
     perturb: float = 0.0  # add N(0, perturb²) to every parameter: zero-initialized gates would hide mistakes
     tensor_param: tuple[str, ...] = ()  # a parameter (path) the sharded check expects split over `tensor`
     # A document packed after another == the same document at the start of a row. Not for Titans: its persistent
-    # tokens belong to a row's first document (`tests/models/test_titans.py` checks its own resets).
+    # tokens belong to a row's first document (`tests/models/test_titans.py` checks its own resets); not for HMT.
     packed_equals_alone: bool = True
 
 
@@ -73,6 +73,13 @@ SPECS = {
         tensor_param=("layers", "blocks", "mixer", "w_x"),
     ),
 }
+SPECS["hmt"] = Spec(  # three segments of 4 tokens with 2 sensory ones around the transformer; the cache evicts
+    {"backbone": {"name": "transformer", **SPECS["transformer"].model}, "segment_len": 4, "sensory_tokens": 2}
+    | {"cache_size": 2},
+    atol=1e-5,
+    tensor_param=("backbone", "layers", "blocks", "attn", "wq"),
+    packed_equals_alone=False,  # a document's segments start where the row's do, not at the document
+)
 NAMES = registry.names()
 
 
@@ -174,7 +181,7 @@ def test_parameter_names_and_axes_are_pinned(name):
 def test_every_preset_builds_and_validates(name):
     presets = importlib.import_module(f"configs.{name}")
     assert presets.PRESETS, f"configs/{name}.py has no presets"
-    for preset in presets.PRESETS:
+    for preset in getattr(presets, "VARIANTS", presets.PRESETS):  # a wrapper's presets around each backbone
         config = from_config_dict(presets.get_config(preset)).validate(device_count=8)
         assert config.model.name == name
         abstract = nnx.eval_shape(lambda config=config: models.build(config, nnx.Rngs(0)))
