@@ -226,9 +226,7 @@ class HMT(CausalLM):
         first, last = ids[:, :1], ids[:, -1:]
         trailing = jnp.where(last == first, retrieved, self.memory_token[...].astype(x.dtype))
         slots = jnp.concatenate([retrieved[:, None], sensory.astype(x.dtype), x, trailing[:, None]], axis=1)
-        visible = jnp.concatenate(
-            [jnp.ones((b, 1), bool), sensory_visible, jnp.ones((b, length + 1), bool)], axis=1
-        )
+        visible = jnp.concatenate([jnp.ones((b, 1), bool), sensory_visible, jnp.ones((b, length + 1), bool)], axis=1)
         seg = jnp.concatenate([first, jnp.where(sensory_visible, sensory_ids, -1), ids, last], axis=1)
         positions = jnp.where(visible, jnp.cumsum(visible, axis=1) - 1, 0).astype(jnp.int32)
         if k:  # invisible sensory slots first, the rest in order: recurrent backbones restart after them

@@ -144,7 +144,9 @@ class Transformer(CausalLM):
         if perm is not None:
             x, positions = ring.to_layout(x, perm), ring.to_layout(positions, perm)
             segment_ids = None if segment_ids is None else ring.to_layout(segment_ids, perm)
-        x, _ = self.layers(constrain(x, ("batch", "length", "embed")), None, positions=positions, segment_ids=segment_ids)
+        x, _ = self.layers(
+            constrain(x, ("batch", "length", "embed")), None, positions=positions, segment_ids=segment_ids
+        )
         return (x if perm is None else ring.from_layout(x, perm)), {}
 
     def layer_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype) -> dict[str, jax.Array]:

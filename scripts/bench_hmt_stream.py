@@ -1,0 +1,105 @@
+"""HMT streaming: peak memory and time per token of `decode` over a long token stream, at two lengths side by side.
+
+Each length runs in its own process (peak RSS is per process), feeding the embedded default corpus (tokens cycled
+to the length) through `model.decode` one segment at a time and accumulating the stream's bits per byte. The model
+is `configs/hmt.py:<preset>` with random or checkpoint weights; flat memory means the ratio of the peak RSS at the
+two lengths stays near 1.
+
+python scripts/bench_hmt_stream.py --tokens=10000,100000 --out=docs/benchmarks/hmt_stream.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+flags.DEFINE_string("tokens", "10000,100000", "comma-separated stream lengths, each in its own process")
+flags.DEFINE_string("preset", "tiny", "configs/hmt.py preset")
+flags.DEFINE_string("out", "", "JSON output path")
+flags.DEFINE_integer("one", 0, "internal: run one length in this process and print its JSON")
+FLAGS = flags.FLAGS
+
+
+def _one(length: int, preset: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from configs import hmt as presets
+    from lcjax import models
+    from lcjax.config import from_config_dict
+    from lcjax.data import sources
+    from lcjax.data.tokenizers import ByteTokenizer
+
+    config = from_config_dict(presets.get_config(preset))
+    model = models.build(config, nnx.Rngs(0))
+    stream = sources.load_stream(config.data, ByteTokenizer(), "eval")
+    base, _ = stream.read(0, min(stream.num_tokens, 200_000))
+    tokens = np.resize(np.asarray(base, np.int32), length + 1)
+    segment = config.model.segment_len
+    decode = nnx.jit(lambda m, t, c: m.decode(t, c))
+    cache = model.init_cache(1)
+    nll, start, compile_s = 0.0, 0, 0.0
+    began = time.perf_counter()
+    while start + segment <= length:
+        piece = jnp.asarray(tokens[start : start + segment])[None]
+        logits, cache = decode(model, piece, cache)
+        logp = jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)
+        nll -= float(jnp.take_along_axis(logp, jnp.asarray(tokens[start + 1 : start + segment + 1])[:, None], 1).sum())
+        if start == 0:
+            compile_s = time.perf_counter() - began
+            began = time.perf_counter()
+        start += segment
+    steady = time.perf_counter() - began
+    consumed = start
+    return {
+        "tokens": consumed,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "ms_per_token": 1000 * steady / max(1, consumed - segment),
+        "first_segment_s": compile_s,
+        "bits_per_byte": nll / consumed / math.log(2),
+        "cache_index": int(cache["index"]),
+        "state_bytes": int(sum(a.nbytes for a in jax.tree.leaves(cache))),
+    }
+
+
+def main(argv):
+    del argv
+    if FLAGS.one:
+        print(json.dumps(_one(FLAGS.one, FLAGS.preset)))
+        return
+    rows = []
+    for length in [int(t) for t in FLAGS.tokens.split(",")]:
+        env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+        out = subprocess.run(
+            [sys.executable, __file__, f"--one={length}", f"--preset={FLAGS.preset}"],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        ).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    print(f"{'tokens':>8} {'peak RSS MiB':>13} {'ms/token':>9} {'state bytes':>12} {'bits/byte':>10}")
+    for r in rows:
+        print(
+            f"{r['tokens']:>8} {r['peak_rss_mib']:>13.1f} {r['ms_per_token']:>9.3f} {r['state_bytes']:>12} "
+            f"{r['bits_per_byte']:>10.3f}"
+        )
+    ratio = rows[-1]["peak_rss_mib"] / rows[0]["peak_rss_mib"]
+    print(f"peak RSS ratio {rows[-1]['tokens']} / {rows[0]['tokens']} tokens: {ratio:.3f}")
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            json.dump({"preset": FLAGS.preset, "rows": rows, "rss_ratio": ratio}, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)
