@@ -1,8 +1,8 @@
 """The causal-LM skeleton every model family stands on: shared config fields and checks, embedding, head and decode.
 
 A family writes its config (a `ModelConfig` with its own fields and `validate`), its blocks, and a `CausalLM`
-subclass that implements `hidden_embedded(x, ...)` (the parallel form up to the last block, on embeddings) and `layer_cache` (one unit's
-decode state). The skeleton supplies the rest of the model protocol (`docs/design.md`):
+subclass that implements `hidden_embedded(x, ...)` (the parallel form up to the last block, on embedded inputs) and
+`layer_cache` (one unit's decode state). The skeleton supplies the rest of the model protocol (`docs/design.md`):
 
     x_0 = E[tokens]                                    `embed_tokens` (a family may add to it)
     h, aux = model.hidden(batch)                       [batch, length, d_model]; = hidden_embedded(x_0, ...), the

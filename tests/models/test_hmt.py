@@ -52,7 +52,7 @@ def paper_recurrence(model, tokens):
         t = jnp.broadcast_to(model.summary_token[...], (x.shape[0], 1, x.shape[2]))
         return bb.final_hidden(run(jnp.concatenate([t, window, t], axis=1))[:, -1])
 
-    cache, outputs = [], []
+    cache, outputs, previous = [], [], None
     for n in range(tokens.shape[1] // length):
         segment = x[:, n * length : (n + 1) * length]
         if not cache:
@@ -60,12 +60,12 @@ def paper_recurrence(model, tokens):
         elif cfg.stage == 1:
             p = cache[-1]
         else:
-            window = segment[:, :j] if cfg.summary == "paper" else previous[:, length - j :]  # noqa: F821
+            window = segment[:, :j] if cfg.summary == "paper" else previous[:, length - j :]
             q = summary(window) @ model.w_q[...]
             memory = jnp.stack(cache, axis=1)
             scores = jnp.einsum("bh,bnh->bn", q, memory @ model.w_k[...]) / math.sqrt(q.shape[-1])
             p = jnp.einsum("bn,bnd->bd", jax.nn.softmax(scores, axis=-1), memory)
-        sensory = previous[:, length - k :] if n else segment[:, :0]  # noqa: F821
+        sensory = previous[:, length - k :] if n else segment[:, :0]
         h = run(jnp.concatenate([p[:, None], sensory, segment, p[:, None]], axis=1))
         outputs.append(h[:, 1 + sensory.shape[1] : 1 + sensory.shape[1] + length])
         cache = (cache + [bb.final_hidden(h[:, -1])])[-cfg.cache_size :]
