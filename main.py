@@ -115,6 +115,13 @@ def main(argv):
             line = {k: v for k, v in report.items() if isinstance(v, float) and not k.startswith("loss_pos/")}
             line |= {f"{t}/answer_accuracy": m["answer_accuracy"] for t, m in report["tasks"].items()}
             print(f"eval at step {report['step']}: " + "  ".join(f"{k} {v:.4f}" for k, v in line.items()))
+            if "stream" in report:
+                s = report["stream"]
+                shown = {k: s[k] for k in ("loss", "bits_per_byte", "ms_per_token") if k in s}
+                print(
+                    f"stream of {s['tokens']} tokens (pieces of {s['piece']}, state {s['state_bytes']} bytes): "
+                    + "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
+                )
         elif _MODE.value == "export":
             if not _EXPORT_DIR.value:
                 _fail("--export_dir is required for --mode=export")

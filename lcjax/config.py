@@ -118,6 +118,8 @@ class EvalConfig:
     batch_size: int = 16
     tasks: str = ""  # comma-separated synthetic tasks scored at every eval, e.g. "mqar,passkey"
     jrt_prompt: bool = False  # score tasks with JRT-Prompt (the in-context document twice before the question)
+    stream_tokens: int = 0  # --mode=eval: also stream this many validation tokens through decode (0: off)
+    stream_piece: int = 0  # tokens per decode call of that stream (0: the model's segment_len, else 256)
 
     @property
     def task_list(self) -> tuple[str, ...]:
@@ -126,6 +128,9 @@ class EvalConfig:
     def validate(self) -> None:
         _positive("eval.num_batches", self.num_batches)
         _positive("eval.batch_size", self.batch_size)
+        for name in ("stream_tokens", "stream_piece"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"eval.{name}", f"must be >= 0 (0: off / default), got {getattr(self, name)}")
         for task in self.task_list:
             if task not in TASK_NAMES:
                 raise ConfigError("eval.tasks", f"unknown task {task!r}; expected a comma list of {TASK_NAMES}")
@@ -233,6 +238,10 @@ class Config:
     def _validate_tasks(self) -> None:
         """Builds each configured task once so a bad task parameter fails here, naming its flag. Text tasks
         with a tokenizer file are checked when the tokenizer loads (still before anything is written)."""
+        if self.eval.stream_tokens and self.data.source in TASK_NAMES:
+            raise ConfigError(
+                "eval.stream_tokens", f"streams a text source's validation split; data.source={self.data.source!r}"
+            )
         if self.task.random_depth and self.data.source not in synthetic.NIAH_TASKS:
             raise ConfigError(
                 "task.random_depth",

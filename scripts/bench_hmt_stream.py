@@ -1,7 +1,7 @@
 """HMT streaming: peak memory and time per token of `decode` over a long token stream, at two lengths side by side.
 
-Each length runs in its own process (peak RSS is per process), feeding the embedded default corpus (tokens cycled
-to the length) through `model.decode` one segment at a time and accumulating the stream's bits per byte. The model
+Each length runs in its own process (peak RSS is per process), feeding the embedded default corpus through `model.decode` one segment at a time (`lcjax.eval.stream`, what `--mode=eval` runs with
+`eval.stream_tokens`) and accumulating the stream's bits per byte. The model
 is `configs/hmt.py:<preset>` with random or checkpoint weights; flat memory means the ratio of the peak RSS at the
 two lengths stays near 1.
 
@@ -11,12 +11,10 @@ python scripts/bench_hmt_stream.py --tokens=10000,100000 --out=docs/benchmarks/h
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import subprocess
 import sys
-import time
 
 from absl import app, flags
 
@@ -28,9 +26,6 @@ FLAGS = flags.FLAGS
 
 
 def _one(length: int, preset: str) -> dict:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -39,36 +34,21 @@ def _one(length: int, preset: str) -> dict:
     from lcjax.config import from_config_dict
     from lcjax.data import sources
     from lcjax.data.tokenizers import ByteTokenizer
+    from lcjax.eval.stream import stream_perplexity
 
     config = from_config_dict(presets.get_config(preset))
     model = models.build(config, nnx.Rngs(0))
     stream = sources.load_stream(config.data, ByteTokenizer(), "eval")
-    base, _ = stream.read(0, min(stream.num_tokens, 200_000))
-    tokens = np.resize(np.asarray(base, np.int32), length + 1)
-    segment = config.model.segment_len
-    decode = nnx.jit(lambda m, t, c: m.decode(t, c))
-    cache = model.init_cache(1)
-    nll, start, compile_s = 0.0, 0, 0.0
-    began = time.perf_counter()
-    while start + segment <= length:
-        piece = jnp.asarray(tokens[start : start + segment])[None]
-        logits, cache = decode(model, piece, cache)
-        logp = jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1)
-        nll -= float(jnp.take_along_axis(logp, jnp.asarray(tokens[start + 1 : start + segment + 1])[:, None], 1).sum())
-        if start == 0:
-            compile_s = time.perf_counter() - began
-            began = time.perf_counter()
-        start += segment
-    steady = time.perf_counter() - began
-    consumed = start
+    tokens, _ = stream.read(0, length + 1)  # the validation split holds 1.5 M tokens of the default corpus
+    graphdef, params = nnx.split(model)
+    result = stream_perplexity(graphdef, params, tokens, piece=config.model.segment_len, tokens_are_bytes=True)
     return {
-        "tokens": consumed,
+        "tokens": result["tokens"],
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "ms_per_token": 1000 * steady / max(1, consumed - segment),
-        "first_segment_s": compile_s,
-        "bits_per_byte": nll / consumed / math.log(2),
-        "cache_index": int(cache["index"]),
-        "state_bytes": int(sum(a.nbytes for a in jax.tree.leaves(cache))),
+        "ms_per_token": result["ms_per_token"],
+        "first_segment_s": result["first_piece_s"],
+        "bits_per_byte": result["bits_per_byte"],
+        "state_bytes": result["state_bytes"],
     }
 
 

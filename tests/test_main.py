@@ -50,10 +50,14 @@ def test_train_eval_generate_resume(tmp_path):
     assert (workdir / "checkpoints" / "8").is_dir()
     assert any(p.is_file() for p in (workdir / "profile").rglob("*"))
 
-    result = _main(*RUN, "--config.train.steps=8", f"--workdir={workdir}", "--mode=eval")
+    stream = ["--config.eval.stream_tokens=100", "--config.eval.stream_piece=32"]
+    result = _main(*RUN, "--config.train.steps=8", f"--workdir={workdir}", "--mode=eval", *stream)
     assert result.returncode == 0, result.stderr[-3000:]
     eval_json = json.loads((workdir / "eval.json").read_text())
     assert eval_json["step"] == 8 and abs(eval_json["loss"] - evals[-1]["loss"]) < 1e-5
+    streamed = eval_json["stream"]  # 3 pieces of 32: the 4th would need a 101st target
+    assert streamed["tokens"] == 96 and streamed["piece"] == 32 and math.isfinite(streamed["bits_per_byte"])
+    assert "stream of 96 tokens (pieces of 32" in result.stdout
 
     prompt = "def main("
     result = _main(*RUN, f"--workdir={workdir}", "--mode=generate", f"--prompt={prompt}")
