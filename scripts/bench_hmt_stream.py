@@ -1,9 +1,9 @@
 """HMT streaming: peak memory and time per token of `decode` over a long token stream, at two lengths side by side.
 
-Each length runs in its own process (peak RSS is per process), feeding the embedded default corpus through `model.decode` one segment at a time (`lcjax.eval.stream`, what `--mode=eval` runs with
-`eval.stream_tokens`) and accumulating the stream's bits per byte. The model
-is `configs/hmt.py:<preset>` with random or checkpoint weights; flat memory means the ratio of the peak RSS at the
-two lengths stays near 1.
+Each length runs in its own process (peak RSS is per process), feeding the validation split of the embedded
+default corpus through `model.decode` one segment at a time (`lcjax.eval.stream`, what `--mode=eval` runs with
+`eval.stream_tokens`) and accumulating the stream's bits per byte. The model is `configs/hmt.py:<preset>` with
+random weights; flat memory means the ratio of the peak RSS at the two lengths stays near 1.
 
 python scripts/bench_hmt_stream.py --tokens=10000,100000 --out=docs/benchmarks/hmt_stream.json
 """

@@ -63,7 +63,11 @@ def stream_eval(run: Run, params: Any, *, progress: bool = True) -> dict[str, An
             print(f"stream: {read}/{want} tokens, loss {loss:.4f}", flush=True)
 
     return streaming.stream_perplexity(
-        run.trainer.graphdef, params, np.asarray(tokens), piece=piece, tokens_are_bytes=run.tokenizer.is_bytes,
+        run.trainer.graphdef,
+        params,
+        np.asarray(tokens),
+        piece=piece,
+        tokens_are_bytes=run.tokenizer.is_bytes,
         on_piece=report,
     )
 

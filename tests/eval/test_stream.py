@@ -16,8 +16,15 @@ from tests.conftest import make_config
 
 HMT = {
     "name": "hmt",
-    "backbone": {"name": "transformer", "vocab_size": 64, "d_model": 16, "num_layers": 1, "num_heads": 2,
-                 "num_kv_heads": 1, "mlp_dim": 32},
+    "backbone": {
+        "name": "transformer",
+        "vocab_size": 64,
+        "d_model": 16,
+        "num_layers": 1,
+        "num_heads": 2,
+        "num_kv_heads": 1,
+        "mlp_dim": 32,
+    },
     "segment_len": 4,
     "sensory_tokens": 2,
     "cache_size": 2,
