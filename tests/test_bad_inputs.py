@@ -113,11 +113,6 @@ CASES = {
         ["--workdir={base}/trained", "--mode=eval", "--config.eval.stream_tokens=100000000"],
         "eval.stream_tokens=100000000 needs 100000001 validation tokens",
     ),
-    "negative stream": (["--config.eval.stream_tokens=-5"], "eval.stream_tokens: must be >= 0"),
-    "stream of a task": (
-        ["--config.data.source=mqar", "--config.model.vocab_size=512", "--config.eval.stream_tokens=64"],
-        "eval.stream_tokens: streams a text source's validation split",
-    ),
     "checkpoint with another width": (["--workdir={base}/trained", "--config.model.d_model=64"], "in the checkpoint"),
 }
 

@@ -72,6 +72,9 @@ def test_conversion_errors_name_the_field(values, field):
             "train.seq_len",
         ),
         ({"generate": {"top_p": 0.0}}, "generate.top_p"),
+        ({"eval": {"stream_tokens": -5}}, "eval.stream_tokens"),
+        ({"eval": {"stream_piece": -1}}, "eval.stream_piece"),
+        ({"eval": {"stream_tokens": 64}, "data": {"source": "mqar"}}, "eval.stream_tokens"),
     ],
 )
 def test_validate_errors_name_the_field(sections, field):
