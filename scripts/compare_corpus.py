@@ -13,6 +13,13 @@ checkpoints in `<workdir>/<name>`), so a comparison can stop and go on.
 
 python scripts/compare_corpus.py --workdir=runs/compare_hmt --out=docs/hmt_comparison --steps=150
 python scripts/compare_corpus.py --report_only --out=docs/hmt_comparison   # the table and PNGs from saved scores
+
+A sweep names its entries `group@x` (for instance `hmt@4=hmt:tiny,train.seq_len=512,train.batch_size=16`: HMT
+trained on rows of 4 segments); the report then adds a table and `sweep.png` of each group's bits/byte (on the
+`--long` rows where scored) against x. The HMT/RMT training-unroll sweep (docs/hmt_comparison/unroll):
+
+python scripts/compare_corpus.py --models="$(python scripts/compare_corpus.py --print_unroll_sweep)" \
+  --steps=100 --long=all --workdir=runs/compare_hmt --out=docs/hmt_comparison/unroll
 """
 
 from __future__ import annotations
@@ -28,6 +35,13 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+# HMT and RMT trained on rows of 2, 4, 8 and 16 segments of 128 tokens, 8192 tokens per step (the paper: RMT stops
+# improving with the unrolled depth near 5 segments, HMT goes on to 15).
+UNROLL_SWEEP = ";".join(
+    f"{group}@{n}={spec},train.seq_len={128 * n},train.batch_size={64 // n}"
+    for n in (8, 2, 4, 16)  # the first (HMT at 8) sets the budget: the default comparison's hmt row
+    for group, spec in (("hmt", "hmt:tiny"), ("rmt", "hmt:tiny,model.stage=1,model.cache_size=1"))
+)
 DEFAULT_MODELS = ";".join(
     [
         "hmt=hmt:tiny",
@@ -42,12 +56,15 @@ flags.DEFINE_string("models", DEFAULT_MODELS, "';'-separated name=family:preset[
 flags.DEFINE_integer("steps", 150, "training steps of the first model; the others get its FLOPs")
 flags.DEFINE_integer("eval_len", 1024, "scored tokens per validation row")
 flags.DEFINE_integer("eval_rows", 24, "validation documents scored")
-flags.DEFINE_string("long", "hmt,rmt", "models also scored on rows of --long_len tokens (loss vs segments read)")
+flags.DEFINE_string(
+    "long", "hmt,rmt", "models also scored on rows of --long_len tokens (loss vs segments read); all: every model"
+)
 flags.DEFINE_integer("long_len", 2048, "row length of the --long scoring")
 flags.DEFINE_integer("segment", 128, "loss-by-position bucket (tokens)")
 flags.DEFINE_string("workdir", "runs/compare_corpus", "training runs, one folder per model")
 flags.DEFINE_string("out", "docs/hmt_comparison", "report folder: README.md, PNGs, scores/")
 flags.DEFINE_bool("report_only", False, "write the report from saved scores; train nothing")
+flags.DEFINE_bool("print_unroll_sweep", False, "print the HMT/RMT training-unroll sweep's --models and exit")
 FLAGS = flags.FLAGS
 
 
@@ -193,7 +210,8 @@ def write_report(results: list[dict], out: str) -> None:
         "",
         "Written by `scripts/compare_corpus.py`; each row trained for the training FLOPs of the first. Scored on the",
         f"first {FLAGS.eval_len} tokens of {FLAGS.eval_rows} validation documents (bits/byte over all positions; loss",
-        f"in nats by segment of {seg} tokens of the document).",
+        f"in nats by segment of {seg} tokens of the document). How to read these numbers, and what they do not",
+        "show: the HMT section of `docs/benchmarks.md`.",
         "",
         "| model | config | params | steps | train tokens | train PFLOP | train s | bits/byte | "
         + " | ".join(f"loss {i * seg}-{(i + 1) * seg - 1}" for i in range(len(results[0]["loss_by_segment"])))
@@ -214,7 +232,9 @@ def write_report(results: list[dict], out: str) -> None:
             "",
             f"Loss by segment on {FLAGS.long_len}-token rows (more segments read than in training):",
             "",
-            "| model | bits/byte | " + " | ".join(f"seg {i + 1}" for i in range(len(long[0]["long_loss_by_segment"]))),
+            "| model | bits/byte | "
+            + " | ".join(f"seg {i + 1}" for i in range(len(long[0]["long_loss_by_segment"])))
+            + " |",
             "|---|---|" + "---|" * len(long[0]["long_loss_by_segment"]),
         ]
         for r in long:
@@ -223,6 +243,21 @@ def write_report(results: list[dict], out: str) -> None:
                 + " | ".join(f"{v:.3f}" for v in r["long_loss_by_segment"])
                 + " |"
             )
+    sweep = sweep_groups(results)
+    if sweep:
+        lines += [
+            "",
+            "Sweep (`group@x` entries): bits/byte against x"
+            + (f" on the {FLAGS.long_len}-token rows" if any("long_bits_per_byte" in r for r in results) else "")
+            + ":",
+            "",
+            "| group | " + " | ".join(f"x = {x:g}" for x in sorted({x for g in sweep.values() for x, _ in g})) + " |",
+            "|---|" + "---|" * len({x for g in sweep.values() for x, _ in g}),
+        ]
+        xs = sorted({x for g in sweep.values() for x, _ in g})
+        for group, points in sweep.items():
+            got = dict(points)
+            lines.append(f"| {group} | " + " | ".join(f"{got[x]:.4f}" if x in got else "" for x in xs) + " |")
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     try:
@@ -240,7 +275,7 @@ def write_report(results: list[dict], out: str) -> None:
         chosen = [r for r in results if key in r]
         if not chosen:
             continue
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = plt.subplots(figsize=(8.5, 4))
         for r in chosen:
             xs = [(i + 0.5) * seg for i in range(len(r[key]))]
             ax.plot(xs, r[key], marker="o", label=r["name"])
@@ -248,15 +283,46 @@ def write_report(results: list[dict], out: str) -> None:
         ax.set_ylabel("loss (nats per byte)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
         fig.tight_layout()
         fig.savefig(os.path.join(out, file), dpi=110)
         plt.close(fig)
+    if sweep:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for group, points in sweep.items():
+            ax.plot(*zip(*points), marker="o", label=group)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("x (the number after @: segments per training row in the unroll sweep)")
+        ax.set_ylabel("bits per byte")
+        ax.set_title("sweep, equal training compute")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "sweep.png"), dpi=110)
+        plt.close(fig)
+
+
+def sweep_groups(results: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """{group: [(x, bits/byte), ...] sorted by x} for results named `group@x` (the --long score where present)."""
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for r in results:
+        group, at, x = r["name"].rpartition("@")
+        if not at:
+            continue
+        try:
+            value = float(x)
+        except ValueError:
+            raise SystemExit(f"--models entry {r['name']!r}: the part after @ must be a number") from None
+        groups.setdefault(group, []).append((value, r.get("long_bits_per_byte", r["bits_per_byte"])))
+    return {g: sorted(p) for g, p in groups.items()}
 
 
 def main(argv):
     del argv
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if FLAGS.print_unroll_sweep:
+        print(UNROLL_SWEEP)
+        return
     models = parse_models(FLAGS.models)
     scores = os.path.join(FLAGS.out, "scores")
     os.makedirs(scores, exist_ok=True)
@@ -270,7 +336,7 @@ def main(argv):
         stream = sources.load_stream(first.data, ByteTokenizer(), "eval")
         rows = document_rows(stream, FLAGS.eval_len, FLAGS.eval_rows)
         long_rows = document_rows(stream, FLAGS.long_len, FLAGS.eval_rows // 2)
-        long = set(filter(None, FLAGS.long.split(",")))
+        long = {name for name, _, _ in models} if FLAGS.long == "all" else set(filter(None, FLAGS.long.split(",")))
         for name, spec, overrides in models:
             path = os.path.join(scores, f"{name}.json")
             if os.path.exists(path):

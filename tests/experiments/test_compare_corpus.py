@@ -40,3 +40,22 @@ def test_rows_are_document_prefixes_and_bad_entries_are_refused():
         compare_corpus.document_rows(sources.concat_documents(docs), 10, 4)
     with pytest.raises(SystemExit, match="is not name=family:preset"):
         compare_corpus.parse_models("hmt=hmt:tiny,model.stage")
+
+
+def test_unroll_sweep_keeps_tokens_per_step_and_groups_by_depth():
+    models = compare_corpus.parse_models(compare_corpus.UNROLL_SWEEP)
+    assert [name for name, _, _ in models[:2]] == ["hmt@8", "rmt@8"]  # the default comparison's hmt row sets the budget
+    for name, spec, overrides in models:
+        config = compare_corpus.build_config(spec, overrides)
+        n = int(name.partition("@")[2])
+        assert config.train.seq_len == n * config.model.segment_len
+        assert config.train.batch_size * config.train.seq_len == 8192
+    results = [
+        {"name": "hmt@8", "bits_per_byte": 9.0, "long_bits_per_byte": 3.0},
+        {"name": "hmt@2", "bits_per_byte": 9.0, "long_bits_per_byte": 2.0},
+        {"name": "rmt@4", "bits_per_byte": 1.5},  # no long score: the short one
+        {"name": "transformer-128", "bits_per_byte": 7.0},  # not a sweep entry
+    ]
+    assert compare_corpus.sweep_groups(results) == {"hmt": [(2.0, 2.0), (8.0, 3.0)], "rmt": [(4.0, 1.5)]}
+    with pytest.raises(SystemExit, match="after @ must be a number"):
+        compare_corpus.sweep_groups([{"name": "hmt@deep", "bits_per_byte": 1.0}])
