@@ -203,6 +203,12 @@ def _parameters(config) -> int:
     return count_parameters(config)
 
 
+def _header(cells: list[str], per_segment: list[str]) -> list[str]:
+    """A markdown table's header row and rule: fixed columns, then one per segment."""
+    names = cells + per_segment
+    return ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+
+
 def write_report(results: list[dict], out: str) -> None:
     seg = FLAGS.segment
     lines = [
@@ -213,10 +219,10 @@ def write_report(results: list[dict], out: str) -> None:
         f"in nats by segment of {seg} tokens of the document). How to read these numbers, and what they do not",
         "show: the HMT section of `docs/benchmarks.md`.",
         "",
-        "| model | config | params | steps | train tokens | train PFLOP | train s | bits/byte | "
-        + " | ".join(f"loss {i * seg}-{(i + 1) * seg - 1}" for i in range(len(results[0]["loss_by_segment"])))
-        + " |",
-        "|---|---|---|---|---|---|---|---|" + "---|" * len(results[0]["loss_by_segment"]),
+        *_header(
+            ["model", "config", "params", "steps", "train tokens", "train PFLOP", "train s", "bits/byte"],
+            [f"loss {i * seg}-{(i + 1) * seg - 1}" for i in range(len(results[0]["loss_by_segment"]))],
+        ),
     ]
     for r in results:
         config = r["spec"] + "".join(f", {k}={v}" for k, v in r["overrides"].items())
@@ -232,10 +238,7 @@ def write_report(results: list[dict], out: str) -> None:
             "",
             f"Loss by segment on {FLAGS.long_len}-token rows (more segments read than in training):",
             "",
-            "| model | bits/byte | "
-            + " | ".join(f"seg {i + 1}" for i in range(len(long[0]["long_loss_by_segment"])))
-            + " |",
-            "|---|---|" + "---|" * len(long[0]["long_loss_by_segment"]),
+            *_header(["model", "bits/byte"], [f"seg {i + 1}" for i in range(len(long[0]["long_loss_by_segment"]))]),
         ]
         for r in long:
             lines.append(
@@ -290,7 +293,7 @@ def write_report(results: list[dict], out: str) -> None:
     if sweep:
         fig, ax = plt.subplots(figsize=(6, 4))
         for group, points in sweep.items():
-            ax.plot(*zip(*points), marker="o", label=group)
+            ax.plot(*zip(*points, strict=True), marker="o", label=group)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("x (the number after @: segments per training row in the unroll sweep)")
         ax.set_ylabel("bits per byte")
