@@ -30,21 +30,23 @@ _CONTRACT_LAST = (((1,), (1,)), ((), ()))  # a [m, d] · b [n, d] -> [m, n]
 _CONTRACT_FIRST = (((0,), (0,)), ((), ()))  # a [m, n] · b [m, d] -> [n, d]
 
 
-def _block(block: int, length: int) -> int:
-    """The block used for `length`: at most `block`, a multiple of the lane width."""
-    if block % LANES:
-        raise ValueError(f"flash_attention (tpu): block {block} must be a multiple of {LANES}")
-    return min(block, -(-length // LANES) * LANES)
+def _block(block: int, length: int, multiple: int = LANES) -> int:
+    """The block used for `length`: at most `block`, a multiple of `multiple` (the lane width, or a multiple of it
+    that the landmark kernel's groups divide)."""
+    if block % multiple or multiple % LANES:
+        raise ValueError(f"attention kernel (tpu): block {block} must be a multiple of {multiple} (and of {LANES})")
+    return min(block, -(-length // multiple) * multiple)
 
 
 class _Geometry:
-    """Padded shapes, blocks and the index maps shared by the three kernels."""
+    """Padded shapes, blocks and the index maps shared by the three kernels (and the landmark kernels)."""
 
-    def __init__(self, q, k, call, block_q: int, block_k: int):
+    def __init__(self, q, k, call, block_q: int, block_k: int, multiple: int = LANES):
         self.batch, self.q_len, self.num_heads, self.head_dim = q.shape
         self.kv_len, self.num_kv_heads = k.shape[1], k.shape[2]
         self.groups = self.num_heads // self.num_kv_heads
-        self.block_q, self.block_k = _block(block_q, self.q_len), _block(block_k, self.kv_len)
+        self.block_q = _block(block_q, self.q_len, multiple)
+        self.block_k = _block(block_k, self.kv_len, multiple)
         self.num_q_blocks = -(-self.q_len // self.block_q)
         self.num_kv_blocks = -(-self.kv_len // self.block_k)
         self.mask = MaskSpec(call.causal, call.sliding_window, self.kv_len, self.num_kv_blocks * self.block_k)

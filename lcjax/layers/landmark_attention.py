@@ -1,0 +1,171 @@
+"""Landmark attention (Mohtashami & Jaggi, 2023): the grouped softmax, and the token layout it needs.
+
+Layout. After every `mem_freq` regular tokens the model inserts one landmark (a learned embedding), so slot s of the
+expanded sequence is in block s // L, L = mem_freq + 1, and the last slot of a complete block is its landmark. A row
+of T regular tokens becomes T + T // mem_freq slots (a trailing partial block has no landmark). The insertion is the
+model's (`insert`, `remove`): batches, losses, bits/byte and every eval task keep regular tokens only.
+
+Grouped softmax (the specification; scores s_ij = scale · q_i·k_j after RoPE). For query slot i in block b:
+  local keys   A_i = {j in block b, j <= i, j not a landmark}           (a query never reads its own landmark)
+  gates        s_{i, lm(c)} for every complete earlier block c < b      (the landmark key of block c)
+  Z_i          = Σ_{j in A_i} e^{s_ij} + Σ_{c<b} e^{s_{i,lm(c)}}
+  w_ij         = e^{s_ij} / Z_i                                          j in A_i
+  w_ij         = e^{s_{i,lm(c)}} / Z_i · softmax_{j' in R(c)}(s_ij')_j   j a regular token of block c < b
+  w_{i,lm(c)}  = 0                                                       (landmark values are never read)
+  o_i          = Σ_j w_ij v_j;  every row of w sums to 1.
+Packed documents: a key is visible only inside the query's document (`segment_ids`), gates included. A landmark
+carries the document of the token before it, so a block that straddles a document boundary is split: the later
+document sees its own part of it gated by the block's landmark, the earlier one never sees the block as an earlier
+block, and no document reads another (`tests/layers/test_landmark_attention.py`).
+
+`weights` / `attend` are the dense form over explicit slots (the parallel form and the KV-cache form share them);
+`causal_landmark_attention` is the parallel core that `attention.impl=landmark` runs: this dense form
+(`landmark_engine=reference`) or the blockwise Pallas kernel (`kernels_pallas.landmark_attention`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def num_slots(num_tokens: int, mem_freq: int) -> int:
+    """Slots of the expanded sequence for `num_tokens` regular tokens."""
+    return num_tokens + num_tokens // mem_freq
+
+
+def token_slots(tokens: jax.Array, mem_freq: int) -> jax.Array:
+    """The expanded slot of regular token index t: t + t // mem_freq."""
+    return tokens + tokens // mem_freq
+
+
+def is_landmark_slot(slots: jax.Array, mem_freq: int) -> jax.Array:
+    return slots % (mem_freq + 1) == mem_freq
+
+
+def insert(
+    x: jax.Array, landmark: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, mem_freq: int
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Regular inputs x [B, T, d] -> the expanded sequence [B, T + T // mem_freq, d] with `landmark` [d] after every
+    `mem_freq` tokens; positions restart at each document start as in the batch (counting landmarks), and each
+    landmark takes the document of the token before it."""
+    batch, length = x.shape[:2]
+    total = num_slots(length, mem_freq)
+    slots = jnp.arange(total)
+    lm = is_landmark_slot(slots, mem_freq)
+    # the regular token at each slot; a landmark points at the token before it (its document, its position)
+    source = jnp.where(lm, slots - slots // (mem_freq + 1) - 1, slots - slots // (mem_freq + 1))
+    out = jnp.where(lm[None, :, None], landmark.astype(x.dtype), jnp.take(x, source, axis=1))
+    # positions: the slot minus the slot of the document's first token
+    doc_start = jnp.arange(length)[None, :] - positions  # [B, T] regular index of each token's document start
+    start_slot = token_slots(jnp.take(doc_start, source, axis=1), mem_freq)
+    new_positions = slots[None, :] - start_slot
+    new_segments = None if segment_ids is None else jnp.take(segment_ids, source, axis=1)
+    return out, new_positions.astype(positions.dtype), new_segments
+
+
+def remove(h: jax.Array, num_tokens: int, mem_freq: int) -> jax.Array:
+    """The expanded hidden states [B, S, ...] back at the regular tokens' slots: [B, num_tokens, ...]."""
+    return jnp.take(h, token_slots(jnp.arange(num_tokens), mem_freq), axis=1)
+
+
+def weights(
+    q: jax.Array,
+    k: jax.Array,
+    q_slots: jax.Array,
+    *,
+    mem_freq: int,
+    scale: float,
+    q_segments: jax.Array | None = None,
+    k_segments: jax.Array | None = None,
+    num_keys: int | None = None,
+) -> jax.Array:
+    """The grouped-softmax weights [B, kv_heads, groups, Tq, S] (f32; f64 for f64 inputs) of queries
+    q [B, Tq, H, D] at expanded slots `q_slots` [B, Tq] over keys k [B, S, K, D] at slots 0..S-1 (H % K == 0).
+    Keys at slots >= `num_keys` (default S) and later than a query are invisible; `*_segments` [B, Tq] / [B, S]
+    restrict attention to a document."""
+    batch, q_len, num_heads, head_dim = q.shape
+    kv_len, num_kv_heads = k.shape[1], k.shape[2]
+    block = mem_freq + 1
+    num_blocks = -(-kv_len // block)
+    pad = num_blocks * block - kv_len
+    kf = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    qg = q.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    acc = jnp.promote_types(q.dtype, jnp.float32)  # f32, or f64 for the float64 oracles
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, kf, preferred_element_type=acc) * scale
+    s = s.reshape(*s.shape[:-1], num_blocks, block)  # [B, K, G, Tq, blocks, L]
+
+    k_slot = jnp.arange(num_blocks * block).reshape(num_blocks, block)
+    valid = k_slot < (kv_len if num_keys is None else num_keys)  # [blocks, L]
+    q_block = (q_slots // block)[:, :, None, None]  # [B, Tq, 1, 1]
+    k_block = jnp.arange(num_blocks)[:, None]
+    regular = jnp.arange(block) < mem_freq  # [L]
+    same = True
+    if q_segments is not None:
+        k_seg = jnp.pad(k_segments, ((0, 0), (0, pad)), constant_values=-1).reshape(batch, num_blocks, block)
+        same = q_segments[:, :, None, None] == k_seg[:, None]  # [B, Tq, blocks, L]
+    visible = valid & same
+    local = visible & regular & (k_block == q_block) & (k_slot <= q_slots[:, :, None, None])
+    members = visible & regular & (k_block < q_block)
+    gates = (visible & ~regular & (k_block < q_block))[..., block - 1]  # [B, Tq, blocks]
+    local, members, gates = (m[:, None, None] for m in (local, members, gates))  # broadcast over heads
+
+    gate_s = jnp.where(gates, s[..., block - 1], _MASK_VALUE)
+    local_s = jnp.where(local, s, _MASK_VALUE)
+    m = jnp.maximum(gate_s.max(axis=-1), local_s.max(axis=(-2, -1)))[..., None]
+    e_gate = jnp.where(gates, jnp.exp(gate_s - m), 0.0)  # [..., blocks]
+    e_local = jnp.where(local, jnp.exp(local_s - m[..., None]), 0.0)  # [..., blocks, L]
+    z = e_gate.sum(-1) + e_local.sum(axis=(-2, -1))
+    z = jnp.where(z == 0.0, 1.0, z)[..., None]  # a padding query that sees nothing
+    member_s = jnp.where(members, s, _MASK_VALUE)
+    e_member = jnp.where(members, jnp.exp(member_s - member_s.max(-1, keepdims=True)), 0.0)
+    group_sum = e_member.sum(-1, keepdims=True)
+    pi = e_member / jnp.where(group_sum == 0.0, 1.0, group_sum)
+    w = e_local / z[..., None] + (e_gate / z)[..., None] * pi
+    return w.reshape(*w.shape[:-2], num_blocks * block)[..., :kv_len]
+
+
+def attend(w: jax.Array, v: jax.Array) -> jax.Array:
+    """Weights [B, K, G, Tq, S] from `weights` and values [B, S, K, D] -> outputs [B, Tq, K·G, D] in v's dtype."""
+    acc = jnp.promote_types(w.dtype, v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", w, v.astype(acc), precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(*out.shape[:2], -1, out.shape[-1]).astype(v.dtype)
+
+
+def reference(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, *, mem_freq: int, scale: float
+) -> jax.Array:
+    """The dense grouped softmax over one expanded sequence: q [B, S, H, D], k/v [B, S, K, D] -> [B, S, H, D]."""
+    slots = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
+    w = weights(q, k, slots, mem_freq=mem_freq, scale=scale, q_segments=segment_ids, k_segments=segment_ids)
+    return attend(w, v).astype(q.dtype)
+
+
+def causal_landmark_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array | None,
+    *,
+    mem_freq: int,
+    scale: float,
+    engine: str,
+) -> jax.Array:
+    """The parallel core of `attention.impl=landmark` on the expanded sequence: `engine` "reference" (the dense form
+    above) or "pallas" (the blockwise kernel; interpret mode on CPU)."""
+    if engine == "reference":
+        return reference(q, k, v, segment_ids, mem_freq=mem_freq, scale=scale)
+    from kernels_pallas import common
+    from kernels_pallas.landmark_attention import landmark_attention
+
+    platform = common.backend()
+    if platform == "gpu":
+        common.say_once("model.attention.landmark_engine=pallas has no GPU kernel yet; using the reference")
+        return reference(q, k, v, segment_ids, mem_freq=mem_freq, scale=scale)
+    if platform != "tpu":
+        common.say_once("model.attention.landmark_engine=pallas: no TPU here; running the kernel in interpret mode")
+    return landmark_attention(
+        q, k, v, segment_ids=segment_ids, mem_freq=mem_freq, scale=scale, interpret=platform != "tpu"
+    )
