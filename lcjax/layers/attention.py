@@ -6,8 +6,11 @@ others are tested against; `pallas` is `kernels_pallas.flash_attention` (interpr
 under `shard_map` with batch and heads sharded as the activations are; `cudnn` is
 `jax.nn.dot_product_attention(implementation="cudnn")` on NVIDIA GPUs; `ring` is ring attention over the mesh's
 `sequence` axis (`lcjax.parallel.ring_attention`), with the model's activations in the `attention.ring_layout`
-order (the model permutes its inputs once, see `Transformer.__call__`). An implementation the backend or mesh
-lacks falls back to `xla` and says so once. The KV-cache form (`step`) uses `xla`, except that with `ring` on a
+order (the model permutes its inputs once, see `Transformer.__call__`); `landmark` is landmark attention's grouped
+softmax over the model's expanded sequence (`lcjax.layers.landmark_attention`: a landmark after every
+`attention.mem_freq` tokens, which the transformer inserts and removes), dense (`landmark_engine=reference`) or the
+blockwise Pallas kernel (`pallas`). An implementation the backend or mesh lacks falls back to `xla` and says so
+once. The KV-cache form (`step`) uses `xla`, except that with `ring` on a
 `sequence`-sharded mesh each shard of the cache computes a partial softmax and the shards merge by LSE. Shapes at
 the module boundary are [batch, length, heads, head_dim].
 """
@@ -24,13 +27,15 @@ from flax import nnx
 from kernels_pallas import common as kernel_common
 from kernels_pallas.flash_attention import flash_attention
 from lcjax.errors import ConfigError
+from lcjax.layers import landmark_attention as landmark
 from lcjax.layers.params import normal, param
 from lcjax.layers.rope import apply_rope
 from lcjax.parallel import ring_attention as ring
 from lcjax.parallel import ring_layout
 from lcjax.parallel.sharding import constrain, logical_to_spec
 
-IMPLS = ("xla", "pallas", "cudnn", "ring")
+IMPLS = ("xla", "pallas", "cudnn", "ring", "landmark")
+LANDMARK_ENGINES = ("reference", "pallas")
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -41,6 +46,8 @@ class AttentionConfig:
     impl: str = "xla"
     ring_layout: str = "zigzag"  # impl=ring: zigzag | contiguous | striped (causal load balancing)
     ring_engine: str = "auto"  # impl=ring: per-block computation, auto (pallas on TPU, else jnp) | jnp | pallas
+    mem_freq: int = 0  # impl=landmark: regular tokens per landmark block (the block is mem_freq + 1 slots)
+    landmark_engine: str = "reference"  # impl=landmark: reference (dense grouped softmax) | pallas (blockwise kernel)
 
     def validate(self, *, mesh: dict[str, int], seq_len: int, impls: tuple[str, ...] = IMPLS) -> None:
         """`impls`: the implementations the model's attention offers (a model may offer fewer than `IMPLS`)."""
@@ -55,6 +62,8 @@ class AttentionConfig:
             raise ConfigError(
                 "model.attention.ring_engine", f"unknown engine {self.ring_engine!r}; expected one of {ring.ENGINES}"
             )
+        if self.impl == "landmark":
+            self._validate_landmark(mesh)
         if self.impl == "ring" and mesh["sequence"] > 1:
             multiple = mesh["sequence"] * (2 if self.ring_layout == "zigzag" else 1)
             if seq_len % multiple:
@@ -63,6 +72,31 @@ class AttentionConfig:
                     f"={seq_len} must be divisible by {multiple} for model.attention.impl=ring with "
                     f"model.attention.ring_layout={self.ring_layout} over mesh.sequence={mesh['sequence']}",
                 )
+
+    def _validate_landmark(self, mesh: dict[str, int]) -> None:
+        from kernels_pallas.landmark_attention import MAX_TILE, tile_multiple
+
+        if self.mem_freq < 1:
+            raise ConfigError(
+                "model.attention.mem_freq", f"={self.mem_freq} must be >= 1 with model.attention.impl=landmark"
+            )
+        if self.landmark_engine not in LANDMARK_ENGINES:
+            raise ConfigError(
+                "model.attention.landmark_engine",
+                f"={self.landmark_engine!r}; expected one of {list(LANDMARK_ENGINES)}",
+            )
+        if self.landmark_engine == "pallas" and tile_multiple(self.mem_freq) > MAX_TILE:
+            raise ConfigError(
+                "model.attention.mem_freq",
+                f"={self.mem_freq}: the landmark kernel's tiles must hold whole blocks of mem_freq+1="
+                f"{self.mem_freq + 1} slots and be multiples of 128, so lcm({self.mem_freq + 1}, 128)="
+                f"{tile_multiple(self.mem_freq)} > {MAX_TILE}; use mem_freq+1 dividing 1024 (127, 63, 31, ...) or "
+                "model.attention.landmark_engine=reference",
+            )
+        if mesh["sequence"] > 1:
+            raise ConfigError(
+                "mesh.sequence", f"={mesh['sequence']}: landmark attention does not shard the sequence; use 1"
+            )
 
 
 def ring_shards(config: AttentionConfig) -> int:
@@ -117,9 +151,12 @@ def causal_attention(
     impl: str,
     ring_layout: str = "zigzag",
     ring_engine: str = "auto",
+    mem_freq: int = 0,
+    landmark_engine: str = "reference",
 ) -> jax.Array:
     """Causal self-attention within segments: q [B, T, H, D], k/v [B, T, K, D] -> [B, T, H, D], by `impl`.
-    With `impl="ring"` on a mesh whose `sequence` axis is > 1, the inputs are in `ring_layout` order."""
+    With `impl="ring"` on a mesh whose `sequence` axis is > 1, the inputs are in `ring_layout` order; with
+    `impl="landmark"` they are the expanded sequence (a landmark after every `mem_freq` tokens)."""
     if impl == "ring":
         if ring_shards(AttentionConfig(impl="ring")) > 1:
             return _ring_per_device(q, k, v, segment_ids, scale, ring_layout, ring_engine)
@@ -135,16 +172,27 @@ def causal_attention(
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True, implementation="cudnn")
     if impl == "pallas":
         return _flash_per_device(q, k, v, segment_ids, scale)
+    if impl == "landmark":
+        if landmark_engine == "reference":
+            return landmark.reference(q, k, v, segment_ids, mem_freq=mem_freq, scale=scale)
+        kernel = lambda q, k, v, seg: landmark.causal_landmark_attention(
+            q, k, v, seg, mem_freq=mem_freq, scale=scale, engine=landmark_engine
+        )
+        return _kernel_per_device(kernel, q, k, v, segment_ids)
     slots = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
     mask = causal_segment_mask(slots, slots, segment_ids, segment_ids)
     return dot_product_attention(q, k, v, mask, scale=scale)
 
 
 def _flash_per_device(q, k, v, segment_ids, scale):
-    """The Pallas kernel under `shard_map`: a kernel is not partitioned by XLA, so each device runs it on its shard
-    (batch over data/fsdp, heads over tensor). Every device needs the whole sequence: a `sequence`-sharded mesh
-    gathers it here (ring attention is the implementation that keeps it sharded)."""
     kernel = lambda q, k, v, seg: flash_attention(q, k, v, causal=True, segment_ids=seg, scale=scale, impl="pallas")
+    return _kernel_per_device(kernel, q, k, v, segment_ids)
+
+
+def _kernel_per_device(kernel, q, k, v, segment_ids):
+    """A Pallas kernel `kernel(q, k, v, segment_ids)` under `shard_map`: a kernel is not partitioned by XLA, so each
+    device runs it on its shard (batch over data/fsdp, heads over tensor). Every device needs the whole sequence: a
+    `sequence`-sharded mesh gathers it here (ring attention is the implementation that keeps it sharded)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return kernel(q, k, v, segment_ids)
@@ -281,6 +329,8 @@ class SelfAttention(nnx.Module):
             impl=self.config.impl,
             ring_layout=self.config.ring_layout,
             ring_engine=self.config.ring_engine,
+            mem_freq=self.config.mem_freq,
+            landmark_engine=self.config.landmark_engine,
         )
         return self._output(out)
 
@@ -307,6 +357,14 @@ class SelfAttention(nnx.Module):
             k_all, v_all = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
             out = _sharded_cache_attention(q, k_all, v_all, q_slots, self.head_dim**-0.5)
             return self._output(out), {"k": k_cache, "v": v_cache}
+        if self.config.impl == "landmark":  # the grouped softmax over every cached block (no retrieval yet)
+            w = landmark.weights(
+                q, k_cache.astype(q.dtype), q_slots, mem_freq=self.config.mem_freq, scale=self.head_dim**-0.5
+            )
+            return self._output(landmark.attend(w, v_cache.astype(q.dtype)).astype(q.dtype)), {
+                "k": k_cache,
+                "v": v_cache,
+            }
         k_slots = jnp.broadcast_to(jnp.arange(k_cache.shape[1]), (batch, k_cache.shape[1]))
         mask = self._cache_mask(q_slots, k_slots)
         out = dot_product_attention(

@@ -2,6 +2,11 @@
 
 x_0 = E[tokens];  x <- x + Attn(RMSNorm(x));  x <- x + MLP(RMSNorm(x));  logits = RMSNorm(x) W_out,
 with W_out = E^T when embeddings are tied. Packed documents (`segment_ids`) never attend across a boundary.
+
+With `attention.impl=landmark` (landmark attention, `configs/landmark.py`) the model inserts a learned landmark
+vector `landmark` after every `attention.mem_freq` tokens before the first block and removes those slots after the
+last (`lcjax.layers.landmark_attention`), in the parallel form and in `decode` alike: inputs, logits, losses and
+every metric stay per regular token.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lcjax.errors import ConfigError
+from lcjax.layers import landmark_attention as landmark
 from lcjax.layers.attention import AttentionConfig, SelfAttention, ring_permutation
 from lcjax.layers.mlp import SwiGLU
 from lcjax.layers.norms import RMSNorm
@@ -70,6 +76,15 @@ class TransformerConfig(ModelConfig):
                 "for learned position embeddings",
             )
         self.attention.validate(mesh=mesh, seq_len=seq_len)
+        if self.landmarks and self.position_embedding != "rope":
+            raise ConfigError(
+                "model.position_embedding", f"={self.position_embedding!r}; landmark attention needs rope"
+            )
+
+    @property
+    def landmarks(self) -> bool:
+        """Whether the model inserts landmark tokens (attention.impl=landmark)."""
+        return self.attention.impl == "landmark"
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 * matmul params + 12 * layers * seq_len * heads*head_dim / 2 (causal)."""
@@ -125,6 +140,8 @@ class Transformer(CausalLM):
         final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
         if cfg.position_embedding == "learned":
             self.pos_embed = param(rngs, (cfg.max_seq_len, cfg.d_model), (None, "embed"), normal(cfg.embed_init_std))
+        if cfg.landmarks:  # the landmark token's embedding: an input only, never predicted
+            self.landmark = param(rngs, (cfg.d_model,), ("embed",), normal(cfg.embed_init_std))
         self._init_head(final_norm, rngs, normal(cfg.init_std))
 
     def embed_tokens(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
@@ -140,6 +157,13 @@ class Transformer(CausalLM):
         permuted once into the ring layout (device r holds block r of the permuted sequence), every layer works in
         that order (RoPE sees the global positions), and the hidden states return to natural order, so callers
         never see the layout."""
+        if self.cfg.landmarks:
+            mem_freq, length = self.cfg.attention.mem_freq, x.shape[1]
+            x, positions, segment_ids = landmark.insert(x, self.landmark[...], positions, segment_ids, mem_freq)
+            x, _ = self.layers(
+                constrain(x, ("batch", "length", "embed")), None, positions=positions, segment_ids=segment_ids
+            )
+            return landmark.remove(x, length, mem_freq), {}
         perm = ring_permutation(self.cfg.attention, x.shape[1])
         if perm is not None:
             x, positions = ring.to_layout(x, perm), ring.to_layout(positions, perm)
@@ -153,5 +177,27 @@ class Transformer(CausalLM):
         """One layer's KV cache for `max_len` tokens."""
         if max_len <= 0:
             raise ValueError(f"init_cache: the transformer's KV cache needs max_len > 0, got {max_len}")
+        if self.cfg.landmarks:  # the expanded slots, and room for the padding slots of `decode_embedded`
+            mem_freq = self.cfg.attention.mem_freq
+            max_len = landmark.num_slots(max_len, mem_freq) + -(-max_len // mem_freq) + 1
         shape = (batch_size, max_len, self.cfg.num_kv_heads, self.cfg.resolved_head_dim)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    def decode_embedded(self, x, cache):
+        """The recurrent form; with landmarks, the n new tokens and the landmarks that fall among them run as one
+        chunk of n + ceil(n / mem_freq) slots of the expanded sequence (the count varies with the cache index, so
+        the chunk ends in padding slots; they are written past the last real slot, overwritten by the next call
+        before any query can see them, and dropped from the outputs). `cache["index"]` counts regular tokens."""
+        if not self.cfg.landmarks:
+            return super().decode_embedded(x, cache)
+        mem_freq, n = self.cfg.attention.mem_freq, x.shape[1]
+        index = cache["index"]
+        first = landmark.token_slots(index, mem_freq)
+        slots = first + jnp.arange(n + -(-n // mem_freq))
+        is_landmark = landmark.is_landmark_slot(slots, mem_freq)
+        source = jnp.clip(slots - slots // (mem_freq + 1) - index, 0, n - 1)
+        chunk = jnp.where(is_landmark[None, :, None], self.landmark[...].astype(x.dtype), jnp.take(x, source, axis=1))
+        positions = jnp.broadcast_to(slots, chunk.shape[:2])
+        h, layers = self.layers(chunk, cache["layers"], positions=positions, index=first)
+        h = jnp.take(h, landmark.token_slots(index + jnp.arange(n), mem_freq) - first, axis=1)
+        return h, {"index": index + n, "layers": layers}

@@ -46,6 +46,9 @@ class Spec:
     # A document packed after another == the same document at the start of a row. Not for Titans: its persistent
     # tokens belong to a row's first document (`tests/models/test_titans.py` checks its own resets); not for HMT.
     packed_equals_alone: bool = True
+    # A variant: a registered model (this name) run with other settings, checked under its own key (landmark
+    # attention is the transformer with attention.impl=landmark; its presets are configs/<key>.py).
+    model_name: str = ""
 
 
 SPECS = {
@@ -80,7 +83,16 @@ SPECS["hmt"] = Spec(  # three segments of 4 tokens with 2 sensory ones around th
     tensor_param=("backbone", "layers", "blocks", "attn", "wq"),
     packed_equals_alone=False,  # a document's segments start where the row's do, not at the document
 )
-NAMES = registry.names()
+SPECS["landmark"] = Spec(  # blocks of 3 tokens + a landmark: 12 tokens are 16 slots, 4 blocks, the last one gated
+    SPECS["transformer"].model | {"attention": {"impl": "landmark", "mem_freq": 3}},
+    atol=1e-5,
+    tensor_param=("layers", "blocks", "attn", "wq"),
+    # blocks are cut from the row's start: a packed document is isolated, but its blocks are not those it would
+    # have at a row start (tests/layers/test_landmark_attention.py checks the isolation inside a shared block)
+    packed_equals_alone=False,
+    model_name="transformer",
+)
+NAMES = registry.names() + [key for key, spec in SPECS.items() if spec.model_name]
 
 
 def _spec(name: str) -> Spec:
@@ -90,7 +102,7 @@ def _spec(name: str) -> Spec:
 
 
 def _config(name: str, **sections):
-    return from_dict({"model": {"name": name, **_spec(name).model}, **sections})
+    return from_dict({"model": {"name": _spec(name).model_name or name, **_spec(name).model}, **sections})
 
 
 @functools.cache
@@ -183,7 +195,9 @@ def test_every_preset_builds_and_validates(name):
     assert presets.PRESETS, f"configs/{name}.py has no presets"
     for preset in getattr(presets, "VARIANTS", presets.PRESETS):  # a wrapper's presets around each backbone
         config = from_config_dict(presets.get_config(preset)).validate(device_count=8)
-        assert config.model.name == name
+        assert config.model.name == (_spec(name).model_name or name)
+        if _spec(name).model_name:  # a variant's presets are that variant (an attention variant, so far)
+            assert config.model.attention.impl == _spec(name).model["attention"]["impl"], preset
         abstract = nnx.eval_shape(lambda config=config: models.build(config, nnx.Rngs(0)))
         assert sum(a.size for a in jax.tree.leaves(nnx.state(abstract, nnx.Param))) > 0
 

@@ -1,0 +1,83 @@
+"""Landmark attention in the transformer (`attention.impl=landmark`): the kernel engine == the dense engine through
+the whole model, decode token by token across block boundaries == the parallel form, and the config refusals. The
+protocol checks (decode in pieces, causality, packed documents, sharding, golden names, presets, learning, TPU
+compile) run for it as the `landmark` variant in test_protocol.py; the grouped softmax's oracles are in
+tests/layers and tests/kernels_pallas."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lcjax import models
+from lcjax.config import from_dict
+from lcjax.errors import ConfigError
+
+MODEL = {"name": "transformer", "vocab_size": 64, "d_model": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2}
+MODEL |= {"mlp_dim": 64}
+
+
+def _model(**attention):
+    config = from_dict({"model": MODEL | {"attention": {"impl": "landmark", "mem_freq": 3} | attention}})
+    config.validate(device_count=8)
+    return models.build(config, nnx.Rngs(0))
+
+
+def test_the_kernel_engine_equals_the_dense_engine_in_the_model_logits_and_gradients():
+    tokens = jax.random.randint(jax.random.key(2), (2, 40), 0, 64)
+    segments = jnp.array([[1] * 40, [1] * 17 + [2] * 23])
+    batch = {"inputs": tokens, "segment_ids": segments}
+    loss = lambda model: jnp.mean(model(batch)[0] ** 2)
+    grads = {}
+    for engine in ("pallas", "reference"):
+        model = _model(mem_freq=15, landmark_engine=engine)
+        grads[engine] = nnx.grad(loss)(model)
+    flat = {e: jax.tree.leaves(nnx.state(g, nnx.Param)) for e, g in grads.items()}
+    for a, b in zip(flat["pallas"], flat["reference"], strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4)
+    np.testing.assert_allclose(
+        _model(mem_freq=15, landmark_engine="pallas")(batch)[0], _model(mem_freq=15)(batch)[0], atol=1e-5, rtol=0
+    )
+    assert float(jnp.abs(grads["reference"].landmark[...]).max()) > 0  # the landmark embedding trains
+
+
+def test_decode_one_token_at_a_time_equals_the_parallel_form_across_blocks():
+    model = _model()
+    tokens = jax.random.randint(jax.random.key(1), (2, 13), 0, 64)
+    want = model({"inputs": tokens})[0]
+    decode = nnx.jit(lambda model, tokens, cache: model.decode(tokens, cache))
+    cache, got = model.init_cache(2, 13), []
+    for t in range(13):
+        out, cache = decode(model, tokens[:, t : t + 1], cache)
+        got.append(out)
+    np.testing.assert_allclose(jnp.concatenate(got, axis=1), want, atol=1e-5, rtol=0)
+    assert int(cache["index"]) == 13
+    # the cache holds the landmarks' keys too: 13 tokens are 16 slots (4 landmarks), all written
+    k = cache["layers"]["k"]
+    assert k.shape[2] >= 17 and float(jnp.abs(k[:, :, :17]).min(axis=(0, 1, 3, 4)).min()) > 0
+
+
+@pytest.mark.parametrize(
+    "attention, model, mesh, field",
+    [
+        ({"mem_freq": 0}, {}, {}, "model.attention.mem_freq"),
+        ({"mem_freq": 50, "landmark_engine": "pallas"}, {}, {}, "model.attention.mem_freq"),
+        ({"landmark_engine": "triton"}, {}, {}, "model.attention.landmark_engine"),
+        ({}, {}, {"sequence": 2, "data": 4}, "mesh.sequence"),
+        ({}, {"position_embedding": "learned", "max_seq_len": 4096}, {}, "model.position_embedding"),
+    ],
+)
+def test_bad_configs_name_their_field(attention, model, mesh, field):
+    values = {"model": MODEL | model | {"attention": {"impl": "landmark", "mem_freq": 3} | attention}}
+    with pytest.raises(ConfigError) as error:
+        from_dict(values | ({"mesh": mesh} if mesh else {})).validate(device_count=8)
+    assert error.value.field == field, str(error.value)
+
+
+def test_mem_freq_50_runs_on_the_dense_engine():  # the paper's lm_benchmark setting: blocks of 51 slots
+    model = _model(mem_freq=50)
+    tokens = jax.random.randint(jax.random.key(3), (1, 120), 0, 64)
+    assert np.isfinite(np.asarray(model({"inputs": tokens})[0])).all()
