@@ -48,6 +48,8 @@ class AttentionConfig:
     ring_engine: str = "auto"  # impl=ring: per-block computation, auto (pallas on TPU, else jnp) | jnp | pallas
     mem_freq: int = 0  # impl=landmark: regular tokens per landmark block (the block is mem_freq + 1 slots)
     landmark_engine: str = "reference"  # impl=landmark: reference (dense grouped softmax) | pallas (blockwise kernel)
+    retrieval_top_k: int = 0  # impl=landmark, decode: 0 = every cached block in place; k > 0 = the paper's top-k
+    retrieval_mode: str = "per_token_and_head"  # impl=landmark, top-k per query and head | max_over_tokens
 
     def validate(self, *, mesh: dict[str, int], seq_len: int, impls: tuple[str, ...] = IMPLS) -> None:
         """`impls`: the implementations the model's attention offers (a model may offer fewer than `IMPLS`)."""
@@ -96,6 +98,15 @@ class AttentionConfig:
         if mesh["sequence"] > 1:
             raise ConfigError(
                 "mesh.sequence", f"={mesh['sequence']}: landmark attention does not shard the sequence; use 1"
+            )
+        if self.retrieval_top_k < 0:
+            raise ConfigError(
+                "model.attention.retrieval_top_k", f"={self.retrieval_top_k} must be >= 0 (0: every cached block)"
+            )
+        if self.retrieval_mode not in landmark.RETRIEVAL_MODES:
+            raise ConfigError(
+                "model.attention.retrieval_mode",
+                f"={self.retrieval_mode!r}; expected one of {list(landmark.RETRIEVAL_MODES)}",
             )
 
 
@@ -302,13 +313,16 @@ class SelfAttention(nnx.Module):
             self.bk = param(rngs, (num_kv_heads, head_dim), ("kv_heads", "head_dim"), zeros)
             self.bv = param(rngs, (num_kv_heads, head_dim), ("kv_heads", "head_dim"), zeros)
 
-    def _project(self, x: jax.Array, positions: jax.Array):
+    def _project(self, x: jax.Array, positions: jax.Array | None):
+        """q, k, v [B, T, heads, head_dim]; RoPE at `positions` (None: not rotated)."""
         q = jnp.einsum("btd,dhk->bthk", x, self.wq[...])
         k = jnp.einsum("btd,dhk->bthk", x, self.wk[...])
         v = jnp.einsum("btd,dhk->bthk", x, self.wv[...])
         if self.qkv_bias:
             q, k, v = q + self.bq[...], k + self.bk[...], v + self.bv[...]
-        if self.rope_theta > 0:  # 0: no rotary embedding (a model with learned absolute positions)
+        if (
+            self.rope_theta > 0 and positions is not None
+        ):  # 0: no rotary embedding (a model with learned absolute positions)
             q, k = apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
@@ -346,6 +360,8 @@ class SelfAttention(nnx.Module):
         self, x: jax.Array, positions: jax.Array, cache: dict[str, jax.Array], index: jax.Array
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Consumes x [B, n, d_model] at slots index..index+n-1 (positions [B, n]); returns (y, new cache)."""
+        if self.config.impl == "landmark" and self.config.retrieval_top_k > 0:
+            return self._retrieval_step(x, positions, cache, index)
         q, k, v = self._project(x, positions)
         k_cache = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
         v_cache = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
@@ -369,5 +385,27 @@ class SelfAttention(nnx.Module):
         mask = self._cache_mask(q_slots, k_slots)
         out = dot_product_attention(
             q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask, scale=self.head_dim**-0.5
+        )
+        return self._output(out), {"k": k_cache, "v": v_cache}
+
+    def _retrieval_step(self, x, positions, cache, index):
+        """Landmark decode with top-k block retrieval: the cache holds keys before RoPE (they are re-rotated at
+        the positions retrieval gives them, `landmark.retrieval_attention`)."""
+        q_raw, k, v = self._project(x, None)
+        k_cache = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
+        rope = lambda t, p: apply_rope(t, p, self.rope_theta)
+        q_slots = jnp.broadcast_to(index + jnp.arange(x.shape[1]), x.shape[:2])
+        out = landmark.retrieval_attention(
+            rope(q_raw, positions),
+            q_raw,
+            k_cache.astype(q_raw.dtype),
+            v_cache.astype(q_raw.dtype),
+            q_slots,
+            mem_freq=self.config.mem_freq,
+            scale=self.head_dim**-0.5,
+            top_k=self.config.retrieval_top_k,
+            mode=self.config.retrieval_mode,
+            rope=rope,
         )
         return self._output(out), {"k": k_cache, "v": v_cache}

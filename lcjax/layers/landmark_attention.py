@@ -169,3 +169,99 @@ def causal_landmark_attention(
     return landmark_attention(
         q, k, v, segment_ids=segment_ids, mem_freq=mem_freq, scale=scale, interpret=platform != "tpu"
     )
+
+
+RETRIEVAL_MODES = ("per_token_and_head", "max_over_tokens")
+
+
+def retrieval_attention(
+    q: jax.Array,
+    q_raw: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    q_slots: jax.Array,
+    *,
+    mem_freq: int,
+    scale: float,
+    top_k: int,
+    mode: str,
+    rope,
+) -> jax.Array:
+    """Inference with retrieval (the paper's §3.2): each query attends to its own block (locally, as in training)
+    and to the `top_k` earlier complete blocks whose landmark keys score highest for it, gated by those landmarks
+    in the same grouped softmax. q [B, n, H, D] is rotated at the queries' slots, q_raw the same queries before
+    RoPE; the caches hold keys *before* RoPE [B, S, K, D] and values, at expanded slots 0..S-1.
+
+    Selection: the score of block c is q · k_lm(c) with every landmark key one block (L slots) behind the query,
+    so distance does not bias it; `mode` "per_token_and_head" picks per query and head, "max_over_tokens" once per
+    head for the whole chunk (each block's best score over the chunk's queries; a query uses those of the chosen
+    blocks that are earlier than its own, so early queries of a long chunk may read fewer than k). Fewer earlier
+    blocks than `top_k`: all of them (clamped). Positions ("stingy"): the chosen blocks, in their original order,
+    take the k block slots just before the query's own block, so no key sits farther back than k blocks. With
+    `top_k` >= every block, the chosen blocks are all of them at their own positions and the output is the
+    training form's."""
+    block = mem_freq + 1
+    batch, n, num_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    groups = num_heads // kv_heads
+    num_blocks = -(-k_cache.shape[1] // block)
+    pad = num_blocks * block - k_cache.shape[1]
+    kc = jnp.pad(k_cache, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(batch, num_blocks, block, kv_heads, head_dim)
+    vc = jnp.pad(v_cache, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(kc.shape)
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    heads_of = lambda x: jnp.repeat(x, groups, axis=-2)  # [..., K, D] -> [..., H, D]
+    q_block = q_slots // block  # [B, n]
+
+    # selection scores [B, n, H, blocks]: q one block ahead of every landmark key
+    q_sel = rope(q_raw, jnp.full(q_raw.shape[:2], block, jnp.int32))
+    lm_keys = heads_of(kc[:, :, mem_freq])  # [B, blocks, H, D]
+    sel = jnp.einsum("bnhd,bchd->bnhc", q_sel, lm_keys, preferred_element_type=acc)
+    earlier = jnp.arange(num_blocks)[None, None, :] < q_block[:, :, None]  # [B, n, blocks] complete, earlier
+    sel = jnp.where(earlier[:, :, None, :], sel, -jnp.inf)
+    if mode == "max_over_tokens":
+        sel = jnp.broadcast_to(sel.max(axis=1, keepdims=True), sel.shape)
+    k = min(top_k, num_blocks)
+    best, chosen = jax.lax.top_k(sel, k)  # [B, n, H, k]
+    # a chosen block is used only if it is an earlier block of this query (clamping k to what exists)
+    usable = jnp.isfinite(best) & jnp.take_along_axis(
+        jnp.broadcast_to(earlier[:, :, None, :], sel.shape), chosen, axis=-1
+    )
+    chosen = jnp.where(usable, chosen, num_blocks)  # unusable ones sort last
+    order = jnp.argsort(chosen, axis=-1)
+    chosen, usable = jnp.take_along_axis(chosen, order, -1), jnp.take_along_axis(usable, order, -1)
+    chosen = jnp.minimum(chosen, num_blocks - 1)
+    count = usable.sum(-1, keepdims=True)  # [B, n, H, 1]
+    new_block = q_block[:, :, None, None] - count + jnp.arange(k)  # the k block slots before the own block
+
+    # the chosen blocks' keys and values [B, n, H, k, L, D], keys rotated at their new slots
+    head_idx = jnp.arange(num_heads) // groups
+    gather = lambda cache: cache[
+        jnp.arange(batch)[:, None, None, None], chosen, :, head_idx[None, None, :, None]
+    ]  # [B, n, H, k, L, D]
+    k_ret, v_ret = gather(kc), gather(vc)
+    k_pos = new_block[..., None] * block + jnp.arange(block)  # [B, n, H, k, L]
+    k_ret = rope(k_ret.reshape(batch, -1, 1, head_dim), k_pos.reshape(batch, -1)).reshape(k_ret.shape)
+    s_ret = jnp.einsum("bnhd,bnhkld->bnhkl", q, k_ret, preferred_element_type=acc) * scale
+    # the own block: keys at their own slots, causal, landmark excluded
+    own_slots = q_block[..., None] * block + jnp.arange(block)  # [B, n, L]
+    own_block = jnp.minimum(q_block, num_blocks - 1)
+    k_own = heads_of(kc[jnp.arange(batch)[:, None], own_block])  # [B, n, L, H, D]
+    v_own = heads_of(vc[jnp.arange(batch)[:, None], own_block])
+    k_own = rope(k_own.reshape(batch, -1, num_heads, head_dim), own_slots.reshape(batch, -1)).reshape(k_own.shape)
+    s_own = jnp.einsum("bnhd,bnlhd->bnhl", q, k_own, preferred_element_type=acc) * scale
+    local = (own_slots <= q_slots[..., None]) & (jnp.arange(block) < mem_freq)  # [B, n, L]
+    local = local[:, :, None, :]
+
+    gate = jnp.where(usable, s_ret[..., mem_freq], _MASK_VALUE)  # [B, n, H, k]
+    own = jnp.where(local, s_own, _MASK_VALUE)
+    m = jnp.maximum(gate.max(-1), own.max(-1))[..., None]
+    e_gate = jnp.where(usable, jnp.exp(gate - m), 0.0)
+    e_own = jnp.where(local, jnp.exp(own - m), 0.0)
+    z = e_gate.sum(-1, keepdims=True) + e_own.sum(-1, keepdims=True)
+    z = jnp.where(z == 0.0, 1.0, z)
+    members = s_ret[..., :mem_freq]
+    pi = jax.nn.softmax(members, axis=-1)  # [B, n, H, k, mem_freq]
+    read = jnp.einsum("bnhkl,bnhkld->bnhkd", pi, v_ret[..., :mem_freq, :].astype(acc))
+    out = jnp.einsum("bnhk,bnhkd->bnhd", e_gate / z, read)
+    out = out + jnp.einsum("bnhl,bnlhd->bnhd", e_own / z, v_own.astype(acc))
+    return out.astype(q.dtype)

@@ -107,3 +107,41 @@ def test_packed_documents_never_read_each_other_even_inside_a_shared_block(x64):
     out2 = la.reference(q2, k2, v2, seg, mem_freq=mem_freq, scale=0.5)
     np.testing.assert_array_equal(out2[:, 6:], out[:, 6:])
     assert float(jnp.abs(out2[:, :6] - out[:, :6]).min()) > 0
+
+
+def test_top_k_retrieval_is_the_grouped_softmax_over_the_chosen_blocks_moved_before_the_own_block(x64):
+    """One query at slot 22 (block 5 of blocks of 4 slots) over a cache of 6 blocks, k = 2, two query heads on one
+    KV head: per head, pick the two blocks whose landmark keys score highest one block ahead (numpy), lay them out
+    in order at blocks 3 and 4 followed by the own block, rotate the keys there, and run the dense grouped softmax
+    on that short sequence: the retrieval output is that."""
+    from lcjax.layers.rope import apply_rope
+
+    mem_freq, block, theta = 3, 4, 10000.0
+    rope = lambda t, p: apply_rope(t, p, theta)
+    keys = jax.random.split(jax.random.key(4), 3)
+    q_raw = jax.random.normal(keys[0], (1, 1, 2, 8), jnp.float64)
+    k_raw = jax.random.normal(keys[1], (1, 24, 1, 8), jnp.float64)
+    v = jax.random.normal(keys[2], (1, 24, 1, 8), jnp.float64)
+    slot = jnp.array([[22]])
+    q = rope(q_raw, slot)
+    for mode in la.RETRIEVAL_MODES:  # one query: both modes choose alike
+        got = la.retrieval_attention(
+            q, q_raw, k_raw, v, slot, mem_freq=mem_freq, scale=0.4, top_k=2, mode=mode, rope=rope
+        )
+        for h in range(2):
+            ahead = np.asarray(rope(q_raw[:, :, h : h + 1], jnp.array([[block]])))[0, 0, 0]
+            scores = [ahead @ np.asarray(k_raw[0, c * block + mem_freq, 0]) for c in range(5)]
+            chosen = sorted(np.argsort(scores)[-2:])
+            rows = np.concatenate([np.arange(c * block, (c + 1) * block) for c in chosen] + [np.arange(20, 23)])
+            kv = jnp.asarray(k_raw[:, rows]), jnp.asarray(v[:, rows])
+            k_virtual = rope(kv[0], jnp.arange(12, 23)[None])
+            w = la.weights(q[:, :, h : h + 1], k_virtual, jnp.array([[10]]), mem_freq=mem_freq, scale=0.4)
+            want = la.attend(w, kv[1])[0, 0, 0]
+            np.testing.assert_allclose(got[0, 0, h], want, atol=1e-12, err_msg=f"{mode} head {h}")
+    # with k >= every earlier block (clamped to the 5 there are) it is the training form at the query's slot
+    everything = la.retrieval_attention(
+        q, q_raw, k_raw, v, slot, mem_freq=mem_freq, scale=0.4, top_k=9, mode="per_token_and_head", rope=rope
+    )
+    k_all = rope(k_raw[:, :23], jnp.arange(23)[None])
+    w = la.weights(q, k_all, slot, mem_freq=mem_freq, scale=0.4)
+    np.testing.assert_allclose(everything, la.attend(w, v[:, :23]), atol=1e-12)

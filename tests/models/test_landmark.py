@@ -81,3 +81,29 @@ def test_mem_freq_50_runs_on_the_dense_engine():  # the paper's lm_benchmark set
     model = _model(mem_freq=50)
     tokens = jax.random.randint(jax.random.key(3), (1, 120), 0, 64)
     assert np.isfinite(np.asarray(model({"inputs": tokens})[0])).all()
+
+
+@pytest.mark.parametrize("mode", ["per_token_and_head", "max_over_tokens"])
+def test_decode_with_top_k_over_every_block_equals_the_parallel_form_and_fewer_blocks_differ(mode):
+    """22 tokens are 29 slots, 7 blocks: k = 7 (and k = 100, clamped) retrieves every block at its own position,
+    which is the training form; k = 2 reads less and differs."""
+    tokens = jax.random.randint(jax.random.key(1), (2, 22), 0, 64)
+    want = _model()({"inputs": tokens})[0]
+
+    def decoded(top_k, pieces):
+        model = _model(retrieval_top_k=top_k, retrieval_mode=mode)
+        decode = nnx.jit(lambda model, tokens, cache: model.decode(tokens, cache))
+        cache, outs, start = model.init_cache(2, 22), [], 0
+        for n in pieces:
+            out, cache = decode(model, tokens[:, start : start + n], cache)
+            outs.append(out)
+            start += n
+        return jnp.concatenate(outs, axis=1)
+
+    for top_k in (7, 100):
+        np.testing.assert_allclose(decoded(top_k, (5, 1, 16)), want, atol=1e-5, rtol=0)
+    fewer = decoded(2, (5, 1, 16))
+    if mode == "per_token_and_head":  # tokens 0-8 (slots <= 11) have at most 2 earlier blocks: k = 2 is all of them
+        np.testing.assert_allclose(fewer[:, :9], want[:, :9], atol=1e-5, rtol=0)
+    # (max_over_tokens picks one set for a whole piece: tokens 6-8 share the 16-token piece's set)
+    assert float(jnp.abs(fewer[:, 9:] - want[:, 9:]).max()) > 1e-3
