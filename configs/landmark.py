@@ -5,10 +5,10 @@ trained at 512 tokens, as the paper's LLaMA fine-tune), small and 350m (the bloc
 
 python main.py --config=configs/landmark.py:tiny --workdir=runs/landmark-tiny
 
-`model.attention.landmark_engine`: reference (the dense grouped softmax; any mem_freq) or pallas (the kernel:
-mem_freq + 1 must divide a tile of at most 1024 slots that is a multiple of 128, e.g. 127, 63, 31, 15; interpret mode
-on CPU, and the reference on GPU until a GPU kernel lands). The paper's lm_benchmark uses mem_freq=50 (reference
-engine only); its LLaMA code 63.
+`model.attention.landmark_impl`: xla (the dense grouped softmax; any mem_freq), pallas (the kernel: mem_freq + 1
+must divide a tile of at most 1024 slots that is a multiple of 128, e.g. 127, 63, 31, 15; interpret mode on CPU, and
+the dense form on GPU until a GPU kernel lands) or auto (the default: the kernel on TPU where mem_freq allows it).
+The paper's lm_benchmark uses mem_freq=50 (dense form only); its LLaMA code 63.
 """
 
 from configs import base
@@ -16,16 +16,16 @@ from configs.transformer import PRESETS as TRANSFORMER
 from lcjax.models.transformer import TransformerConfig
 
 
-def _landmark(size: str, mem_freq: int, engine: str, **train) -> dict:
+def _landmark(size: str, mem_freq: int, **train) -> dict:
     preset = TRANSFORMER[size]
-    model = {**preset["model"], "attention": {"impl": "landmark", "mem_freq": mem_freq, "landmark_engine": engine}}
+    model = {**preset["model"], "attention": {"impl": "landmark", "mem_freq": mem_freq}}
     return {**preset, "model": model, "train": {**preset["train"], **train}}
 
 
 PRESETS = {
-    "tiny": _landmark("tiny", 31, "reference", seq_len=512, batch_size=8),
-    "small": _landmark("small", 63, "pallas"),
-    "350m": _landmark("350m", 127, "pallas"),
+    "tiny": _landmark("tiny", 31, seq_len=512, batch_size=8),
+    "small": _landmark("small", 63),
+    "350m": _landmark("350m", 127),
 }
 
 

@@ -87,6 +87,10 @@ CASES = {
         ["--config.data.source=arrayrecord", "--config.data.path={base}/shards", "--config.model.vocab_size=260"],
         "token id 299 >= model.vocab_size=260",
     ),
+    "landmark attention without mem_freq": (
+        ["--config.model.attention.impl=landmark"],
+        "model.attention.mem_freq=0 must be >= 1 with model.attention.impl=landmark",
+    ),
     "unknown eval task": (["--config.eval.tasks=mqar,needle"], "eval.tasks: unknown task 'needle'"),
     "mqar with too many pairs": (
         ["--config.data.source=mqar", "--config.model.vocab_size=512", "--config.task.num_kv_pairs=9"],

@@ -8,11 +8,12 @@ under `shard_map` with batch and heads sharded as the activations are; `cudnn` i
 `sequence` axis (`lcjax.parallel.ring_attention`), with the model's activations in the `attention.ring_layout`
 order (the model permutes its inputs once, see `Transformer.__call__`); `landmark` is landmark attention's grouped
 softmax over the model's expanded sequence (`lcjax.layers.landmark_attention`: a landmark after every
-`attention.mem_freq` tokens, which the transformer inserts and removes), dense (`landmark_engine=reference`) or the
-blockwise Pallas kernel (`pallas`). An implementation the backend or mesh lacks falls back to `xla` and says so
-once. The KV-cache form (`step`) uses `xla`, except that with `ring` on a
-`sequence`-sharded mesh each shard of the cache computes a partial softmax and the shards merge by LSE. Shapes at
-the module boundary are [batch, length, heads, head_dim].
+`attention.mem_freq` tokens, which the transformer inserts and removes), dense (`landmark_impl=xla`) or the
+blockwise Pallas kernel (`pallas`; `auto`, the default: the kernel on TPU where `mem_freq` allows it). An
+implementation the backend or mesh lacks falls back to `xla` and says so once. The KV-cache form (`step`) uses
+`xla`, except that with `ring` on a `sequence`-sharded mesh each shard of the cache computes a partial softmax and
+the shards merge by LSE, and that landmark attention's may retrieve top-k blocks (`attention.retrieval_top_k`).
+Shapes at the module boundary are [batch, length, heads, head_dim].
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from lcjax.parallel import ring_layout
 from lcjax.parallel.sharding import constrain, logical_to_spec
 
 IMPLS = ("xla", "pallas", "cudnn", "ring", "landmark")
-LANDMARK_ENGINES = ("reference", "pallas")
+LANDMARK_IMPLS = landmark.IMPLS
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -47,7 +48,7 @@ class AttentionConfig:
     ring_layout: str = "zigzag"  # impl=ring: zigzag | contiguous | striped (causal load balancing)
     ring_engine: str = "auto"  # impl=ring: per-block computation, auto (pallas on TPU, else jnp) | jnp | pallas
     mem_freq: int = 0  # impl=landmark: regular tokens per landmark block (the block is mem_freq + 1 slots)
-    landmark_engine: str = "reference"  # impl=landmark: reference (dense grouped softmax) | pallas (blockwise kernel)
+    landmark_impl: str = "auto"  # impl=landmark: xla (dense grouped softmax) | pallas (blockwise kernel) | auto
     retrieval_top_k: int = 0  # impl=landmark, decode: 0 = every cached block in place; k > 0 = the paper's top-k
     retrieval_mode: str = "per_token_and_head"  # impl=landmark, top-k per query and head | max_over_tokens
 
@@ -82,18 +83,18 @@ class AttentionConfig:
             raise ConfigError(
                 "model.attention.mem_freq", f"={self.mem_freq} must be >= 1 with model.attention.impl=landmark"
             )
-        if self.landmark_engine not in LANDMARK_ENGINES:
+        if self.landmark_impl not in LANDMARK_IMPLS:
             raise ConfigError(
-                "model.attention.landmark_engine",
-                f"={self.landmark_engine!r}; expected one of {list(LANDMARK_ENGINES)}",
+                "model.attention.landmark_impl",
+                f"={self.landmark_impl!r}; expected one of {list(LANDMARK_IMPLS)}",
             )
-        if self.landmark_engine == "pallas" and tile_multiple(self.mem_freq) > MAX_TILE:
+        if self.landmark_impl == "pallas" and tile_multiple(self.mem_freq) > MAX_TILE:
             raise ConfigError(
                 "model.attention.mem_freq",
                 f"={self.mem_freq}: the landmark kernel's tiles must hold whole blocks of mem_freq+1="
                 f"{self.mem_freq + 1} slots and be multiples of 128, so lcm({self.mem_freq + 1}, 128)="
                 f"{tile_multiple(self.mem_freq)} > {MAX_TILE}; use mem_freq+1 dividing 1024 (127, 63, 31, ...) or "
-                "model.attention.landmark_engine=reference",
+                "model.attention.landmark_impl=xla",
             )
         if mesh["sequence"] > 1:
             raise ConfigError(
@@ -163,7 +164,7 @@ def causal_attention(
     ring_layout: str = "zigzag",
     ring_engine: str = "auto",
     mem_freq: int = 0,
-    landmark_engine: str = "reference",
+    landmark_impl: str = "auto",
 ) -> jax.Array:
     """Causal self-attention within segments: q [B, T, H, D], k/v [B, T, K, D] -> [B, T, H, D], by `impl`.
     With `impl="ring"` on a mesh whose `sequence` axis is > 1, the inputs are in `ring_layout` order; with
@@ -184,10 +185,10 @@ def causal_attention(
     if impl == "pallas":
         return _flash_per_device(q, k, v, segment_ids, scale)
     if impl == "landmark":
-        if landmark_engine == "reference":
+        if landmark.resolve_impl(landmark_impl, mem_freq) == "xla":
             return landmark.reference(q, k, v, segment_ids, mem_freq=mem_freq, scale=scale)
         kernel = lambda q, k, v, seg: landmark.causal_landmark_attention(
-            q, k, v, seg, mem_freq=mem_freq, scale=scale, engine=landmark_engine
+            q, k, v, seg, mem_freq=mem_freq, scale=scale, impl="pallas"
         )
         return _kernel_per_device(kernel, q, k, v, segment_ids)
     slots = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
@@ -344,7 +345,7 @@ class SelfAttention(nnx.Module):
             ring_layout=self.config.ring_layout,
             ring_engine=self.config.ring_engine,
             mem_freq=self.config.mem_freq,
-            landmark_engine=self.config.landmark_engine,
+            landmark_impl=self.config.landmark_impl,
         )
         return self._output(out)
 

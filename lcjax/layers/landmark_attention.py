@@ -20,7 +20,8 @@ block, and no document reads another (`tests/layers/test_landmark_attention.py`)
 
 `weights` / `attend` are the dense form over explicit slots (the parallel form and the KV-cache form share them);
 `causal_landmark_attention` is the parallel core that `attention.impl=landmark` runs: this dense form
-(`landmark_engine=reference`) or the blockwise Pallas kernel (`kernels_pallas.landmark_attention`).
+(`landmark_impl=xla`) or the blockwise Pallas kernel (`kernels_pallas.landmark_attention`; `auto`: the kernel on TPU
+when mem_freq allows it, else the dense form).
 """
 
 from __future__ import annotations
@@ -143,6 +144,20 @@ def reference(
     return attend(w, v).astype(q.dtype)
 
 
+IMPLS = ("auto", "xla", "pallas")
+
+
+def resolve_impl(impl: str, mem_freq: int) -> str:
+    """`attention.landmark_impl` -> "xla" or "pallas": auto is the kernel on TPU when its tiles can hold whole
+    blocks of mem_freq + 1 slots, else the dense form."""
+    if impl != "auto":
+        return impl
+    from kernels_pallas import common
+    from kernels_pallas.landmark_attention import MAX_TILE, tile_multiple
+
+    return "pallas" if common.backend() == "tpu" and tile_multiple(mem_freq) <= MAX_TILE else "xla"
+
+
 def causal_landmark_attention(
     q: jax.Array,
     k: jax.Array,
@@ -151,21 +166,21 @@ def causal_landmark_attention(
     *,
     mem_freq: int,
     scale: float,
-    engine: str,
+    impl: str,
 ) -> jax.Array:
-    """The parallel core of `attention.impl=landmark` on the expanded sequence: `engine` "reference" (the dense form
+    """The parallel core of `attention.impl=landmark` on the expanded sequence: `impl` "xla" (the dense form
     above) or "pallas" (the blockwise kernel; interpret mode on CPU)."""
-    if engine == "reference":
+    if resolve_impl(impl, mem_freq) == "xla":
         return reference(q, k, v, segment_ids, mem_freq=mem_freq, scale=scale)
     from kernels_pallas import common
     from kernels_pallas.landmark_attention import landmark_attention
 
     platform = common.backend()
     if platform == "gpu":
-        common.say_once("model.attention.landmark_engine=pallas has no GPU kernel yet; using the reference")
+        common.say_once("model.attention.landmark_impl=pallas has no GPU kernel yet; using the dense form (xla)")
         return reference(q, k, v, segment_ids, mem_freq=mem_freq, scale=scale)
     if platform != "tpu":
-        common.say_once("model.attention.landmark_engine=pallas: no TPU here; running the kernel in interpret mode")
+        common.say_once("model.attention.landmark_impl=pallas: no TPU here; running the kernel in interpret mode")
     return landmark_attention(
         q, k, v, segment_ids=segment_ids, mem_freq=mem_freq, scale=scale, interpret=platform != "tpu"
     )

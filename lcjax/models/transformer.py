@@ -87,12 +87,16 @@ class TransformerConfig(ModelConfig):
         return self.attention.impl == "landmark"
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 * matmul params + 12 * layers * seq_len * heads*head_dim / 2 (causal)."""
+        """Training FLOPs per token: 6 * matmul params + 12 * layers * seq_len * heads*head_dim / 2 (causal); with
+        landmarks, over the expanded sequence (the grouped softmax's extra elementwise work is not counted)."""
         hd = self.resolved_head_dim
         attn = self.d_model * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
         mlp = 3 * self.d_model * self.mlp_dim
-        matmul_params = self.num_layers * (attn + mlp) + self.d_model * self.vocab_size
-        return 6 * matmul_params + 6 * self.num_layers * seq_len * self.num_heads * hd
+        # landmarks: every regular token brings 1/mem_freq landmark slots through the blocks (not the head)
+        slots = 1 + 1 / self.attention.mem_freq if self.landmarks else 1.0
+        blocks = self.num_layers * (attn + mlp) * slots
+        attention = self.num_layers * seq_len * slots * self.num_heads * hd * slots
+        return 6 * (blocks + self.d_model * self.vocab_size) + 6 * attention
 
 
 class Block(nnx.Module):

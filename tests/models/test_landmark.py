@@ -1,4 +1,4 @@
-"""Landmark attention in the transformer (`attention.impl=landmark`): the kernel engine == the dense engine through
+"""Landmark attention in the transformer (`attention.impl=landmark`): landmark_impl=pallas == xla (dense) through
 the whole model, decode token by token across block boundaries == the parallel form, and the config refusals. The
 protocol checks (decode in pieces, causality, packed documents, sharding, golden names, presets, learning, TPU
 compile) run for it as the `landmark` variant in test_protocol.py; the grouped softmax's oracles are in
@@ -26,22 +26,25 @@ def _model(**attention):
     return models.build(config, nnx.Rngs(0))
 
 
-def test_the_kernel_engine_equals_the_dense_engine_in_the_model_logits_and_gradients():
+def test_the_kernel_equals_the_dense_form_in_the_model_logits_and_gradients():
     tokens = jax.random.randint(jax.random.key(2), (2, 40), 0, 64)
     segments = jnp.array([[1] * 40, [1] * 17 + [2] * 23])
     batch = {"inputs": tokens, "segment_ids": segments}
     loss = lambda model: jnp.mean(model(batch)[0] ** 2)
     grads = {}
-    for engine in ("pallas", "reference"):
-        model = _model(mem_freq=15, landmark_engine=engine)
+    for engine in ("pallas", "xla"):
+        model = _model(mem_freq=15, landmark_impl=engine)
         grads[engine] = nnx.grad(loss)(model)
     flat = {e: jax.tree.leaves(nnx.state(g, nnx.Param)) for e, g in grads.items()}
-    for a, b in zip(flat["pallas"], flat["reference"], strict=True):
+    for a, b in zip(flat["pallas"], flat["xla"], strict=True):
         np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4)
     np.testing.assert_allclose(
-        _model(mem_freq=15, landmark_engine="pallas")(batch)[0], _model(mem_freq=15)(batch)[0], atol=1e-5, rtol=0
+        _model(mem_freq=15, landmark_impl="pallas")(batch)[0],
+        _model(mem_freq=15, landmark_impl="xla")(batch)[0],
+        atol=1e-5,
+        rtol=0,
     )
-    assert float(jnp.abs(grads["reference"].landmark[...]).max()) > 0  # the landmark embedding trains
+    assert float(jnp.abs(grads["xla"].landmark[...]).max()) > 0  # the landmark embedding trains
 
 
 def test_decode_one_token_at_a_time_equals_the_parallel_form_across_blocks():
@@ -64,8 +67,8 @@ def test_decode_one_token_at_a_time_equals_the_parallel_form_across_blocks():
     "attention, model, mesh, field",
     [
         ({"mem_freq": 0}, {}, {}, "model.attention.mem_freq"),
-        ({"mem_freq": 50, "landmark_engine": "pallas"}, {}, {}, "model.attention.mem_freq"),
-        ({"landmark_engine": "triton"}, {}, {}, "model.attention.landmark_engine"),
+        ({"mem_freq": 50, "landmark_impl": "pallas"}, {}, {}, "model.attention.mem_freq"),
+        ({"landmark_impl": "triton"}, {}, {}, "model.attention.landmark_impl"),
         ({}, {}, {"sequence": 2, "data": 4}, "mesh.sequence"),
         ({}, {"position_embedding": "learned", "max_seq_len": 4096}, {}, "model.position_embedding"),
     ],
@@ -77,7 +80,7 @@ def test_bad_configs_name_their_field(attention, model, mesh, field):
     assert error.value.field == field, str(error.value)
 
 
-def test_mem_freq_50_runs_on_the_dense_engine():  # the paper's lm_benchmark setting: blocks of 51 slots
+def test_mem_freq_50_runs_on_the_dense_form():  # the paper's lm_benchmark setting: blocks of 51 slots
     model = _model(mem_freq=50)
     tokens = jax.random.randint(jax.random.key(3), (1, 120), 0, 64)
     assert np.isfinite(np.asarray(model({"inputs": tokens})[0])).all()
