@@ -124,24 +124,27 @@ def test_top_k_retrieval_is_the_grouped_softmax_over_the_chosen_blocks_moved_bef
     v = jax.random.normal(keys[2], (1, 24, 1, 8), jnp.float64)
     slot = jnp.array([[22]])
     q = rope(q_raw, slot)
-    for mode in la.RETRIEVAL_MODES:  # one query: both modes choose alike
-        got = la.retrieval_attention(
-            q, q_raw, k_raw, v, slot, mem_freq=mem_freq, scale=0.4, top_k=2, mode=mode, rope=rope
-        )
-        for h in range(2):
-            ahead = np.asarray(rope(q_raw[:, :, h : h + 1], jnp.array([[block]])))[0, 0, 0]
-            scores = [ahead @ np.asarray(k_raw[0, c * block + mem_freq, 0]) for c in range(5)]
-            chosen = sorted(np.argsort(scores)[-2:])
-            rows = np.concatenate([np.arange(c * block, (c + 1) * block) for c in chosen] + [np.arange(20, 23)])
-            kv = jnp.asarray(k_raw[:, rows]), jnp.asarray(v[:, rows])
-            k_virtual = rope(kv[0], jnp.arange(12, 23)[None])
-            w = la.weights(q[:, :, h : h + 1], k_virtual, jnp.array([[10]]), mem_freq=mem_freq, scale=0.4)
-            want = la.attend(w, kv[1])[0, 0, 0]
-            np.testing.assert_allclose(got[0, 0, h], want, atol=1e-12, err_msg=f"{mode} head {h}")
-    # with k >= every earlier block (clamped to the 5 there are) it is the training form at the query's slot
-    everything = la.retrieval_attention(
-        q, q_raw, k_raw, v, slot, mem_freq=mem_freq, scale=0.4, top_k=9, mode="per_token_and_head", rope=rope
+    retrieve = jax.jit(
+        lambda q, q_raw, k_raw, v, slot, top_k, mode: la.retrieval_attention(
+            q, q_raw, k_raw, v, slot, mem_freq=mem_freq, scale=0.4, top_k=top_k, mode=mode, rope=rope
+        ),
+        static_argnums=(5, 6),
     )
+    got = retrieve(q, q_raw, k_raw, v, slot, 2, "per_token_and_head")
+    # one query: both modes choose alike
+    np.testing.assert_array_equal(retrieve(q, q_raw, k_raw, v, slot, 2, "max_over_tokens"), got)
+    for h in range(2):
+        ahead = np.asarray(rope(q_raw[:, :, h : h + 1], jnp.array([[block]])))[0, 0, 0]
+        scores = [ahead @ np.asarray(k_raw[0, c * block + mem_freq, 0]) for c in range(5)]
+        chosen = sorted(np.argsort(scores)[-2:])
+        rows = np.concatenate([np.arange(c * block, (c + 1) * block) for c in chosen] + [np.arange(20, 23)])
+        kv = jnp.asarray(k_raw[:, rows]), jnp.asarray(v[:, rows])
+        k_virtual = rope(kv[0], jnp.arange(12, 23)[None])
+        w = la.weights(q[:, :, h : h + 1], k_virtual, jnp.array([[10]]), mem_freq=mem_freq, scale=0.4)
+        want = la.attend(w, kv[1])[0, 0, 0]
+        np.testing.assert_allclose(got[0, 0, h], want, atol=1e-12, err_msg=f"head {h}")
+    # with k >= every earlier block (clamped to the 5 there are) it is the training form at the query's slot
+    everything = retrieve(q, q_raw, k_raw, v, slot, 9, "per_token_and_head")
     k_all = rope(k_raw[:, :23], jnp.arange(23)[None])
     w = la.weights(q, k_all, slot, mem_freq=mem_freq, scale=0.4)
     np.testing.assert_allclose(everything, la.attend(w, v[:, :23]), atol=1e-12)

@@ -20,8 +20,10 @@ MODEL = {"name": "transformer", "vocab_size": 64, "d_model": 32, "num_layers": 2
 MODEL |= {"mlp_dim": 64}
 
 
-def _model(**attention):
-    config = from_dict({"model": MODEL | {"attention": {"impl": "landmark", "mem_freq": 3} | attention}})
+def _model(num_layers=2, **attention):
+    config = from_dict(
+        {"model": MODEL | {"num_layers": num_layers, "attention": {"impl": "landmark", "mem_freq": 3} | attention}}
+    )
     config.validate(device_count=8)
     return models.build(config, nnx.Rngs(0))
 
@@ -31,19 +33,14 @@ def test_the_kernel_equals_the_dense_form_in_the_model_logits_and_gradients():
     segments = jnp.array([[1] * 40, [1] * 17 + [2] * 23])
     batch = {"inputs": tokens, "segment_ids": segments}
     loss = lambda model: jnp.mean(model(batch)[0] ** 2)
-    grads = {}
-    for engine in ("pallas", "xla"):
-        model = _model(mem_freq=15, landmark_impl=engine)
-        grads[engine] = nnx.grad(loss)(model)
-    flat = {e: jax.tree.leaves(nnx.state(g, nnx.Param)) for e, g in grads.items()}
+    logits, grads = {}, {}
+    for impl in ("pallas", "xla"):
+        model = _model(1, mem_freq=15, landmark_impl=impl)
+        logits[impl], grads[impl] = model(batch)[0], nnx.grad(loss)(model)
+    np.testing.assert_allclose(logits["pallas"], logits["xla"], atol=1e-5, rtol=0)
+    flat = {impl: jax.tree.leaves(nnx.state(g, nnx.Param)) for impl, g in grads.items()}
     for a, b in zip(flat["pallas"], flat["xla"], strict=True):
         np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4)
-    np.testing.assert_allclose(
-        _model(mem_freq=15, landmark_impl="pallas")(batch)[0],
-        _model(mem_freq=15, landmark_impl="xla")(batch)[0],
-        atol=1e-5,
-        rtol=0,
-    )
     assert float(jnp.abs(grads["xla"].landmark[...]).max()) > 0  # the landmark embedding trains
 
 
@@ -103,7 +100,7 @@ def test_decode_with_top_k_over_every_block_equals_the_parallel_form_and_fewer_b
             start += n
         return jnp.concatenate(outs, axis=1)
 
-    for top_k in (7, 100):
+    for top_k in (7, 100) if mode == "per_token_and_head" else (100,):
         np.testing.assert_allclose(decoded(top_k, (5, 1, 16)), want, atol=1e-5, rtol=0)
     fewer = decoded(2, (5, 1, 16))
     if mode == "per_token_and_head":  # tokens 0-8 (slots <= 11) have at most 2 earlier blocks: k = 2 is all of them
