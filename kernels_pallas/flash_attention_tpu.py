@@ -100,7 +100,20 @@ def _logits(q, k, q_block, kv_block, geo: _Geometry, call, seg_refs):
     return s, mask
 
 
-def _forward_kernel(*refs, geo: _Geometry, call, has_segments: bool):
+def _flash_tile(q, k, q_block, kv_block, geo: _Geometry, call, seg_refs, m_prev):
+    """One forward step's weights for a pair of blocks: (p = exp(s - m_next) [bq, bk], the new running max m_next
+    [bq, 128], the row sums of p to add to l). The landmark kernel supplies its own (same contract)."""
+    s, mask = _logits(q, k, q_block, kv_block, geo, call, seg_refs)
+    if mask is not None:
+        s = jnp.where(mask, s, MASK_VALUE)
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # [bq, 128]
+    # A row that has seen only masked logits carries junk (m = MASK_VALUE) until its first visible key, whose
+    # correction factor exp(MASK_VALUE - m) = 0 wipes it; every real row sees at least itself.
+    p = jnp.exp(s - m_next[:, :1])
+    return p, m_next, jnp.sum(p, axis=1, keepdims=True)
+
+
+def _forward_kernel(*refs, geo: _Geometry, call, has_segments: bool, tile):
     if has_segments:
         q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
         seg_refs = (q_seg_ref, kv_seg_ref)
@@ -117,16 +130,10 @@ def _forward_kernel(*refs, geo: _Geometry, call, has_segments: bool):
 
     @pl.when(geo.kv_block(q_block, kv_block) == kv_block)
     def _step():
-        s, mask = _logits(q_ref[...], k_ref[...], q_block, kv_block, geo, call, seg_refs)
-        if mask is not None:
-            s = jnp.where(mask, s, MASK_VALUE)
         m_prev = m_ref[...]
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # [bq, 128]
-        # A row that has seen only masked logits carries junk (m = MASK_VALUE) until its first visible key, whose
-        # correction factor exp(MASK_VALUE - m) = 0 wipes it; every real row sees at least itself.
-        p = jnp.exp(s - m_next[:, :1])
+        p, m_next, added = tile(q_ref[...], k_ref[...], q_block, kv_block, geo, call, seg_refs, m_prev)
         correction = jnp.exp(m_prev - m_next)
-        l_ref[...] = correction * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+        l_ref[...] = correction * l_ref[...] + added
         m_ref[...] = m_next
         v = v_ref[...]
         pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
@@ -140,9 +147,10 @@ def _forward_kernel(*refs, geo: _Geometry, call, has_segments: bool):
         lse_ref[...] = m_ref[...] + jnp.log(l)
 
 
-def forward(q, k, v, segment_ids, call) -> tuple[jax.Array, jax.Array]:
-    """q [B, Tq, H, D], k/v [B, Tk, K, D] -> (out [B, Tq, H, D], lse [B, H, Tq] f32)."""
-    geo = _Geometry(q, k, call, call.blocks.block_q, call.blocks.block_k)
+def forward(q, k, v, segment_ids, call, *, geo=None, tile=_flash_tile, name="flash_attention"):
+    """q [B, Tq, H, D], k/v [B, Tk, K, D] -> (out [B, Tq, H, D], lse [B, H, Tq] f32). `geo`, `tile`: another
+    kernel's blocks and per-tile weights on this grid (the landmark kernel's)."""
+    geo = geo or _Geometry(q, k, call, call.blocks.block_q, call.blocks.block_k)
     bq, bk, d = geo.block_q, geo.block_k, geo.head_dim
     q_map = lambda b, h, i, j: (b, h, i, 0)
     kv_map = lambda b, h, i, j: (b, h // geo.groups, geo.kv_block(i, j), 0)
@@ -158,7 +166,7 @@ def forward(q, k, v, segment_ids, call) -> tuple[jax.Array, jax.Array]:
         args += list(geo.segments(segment_ids))
     q_padded = geo.num_q_blocks * bq
     out, lse = pl.pallas_call(
-        functools.partial(_forward_kernel, geo=geo, call=call, has_segments=segment_ids is not None),
+        functools.partial(_forward_kernel, geo=geo, call=call, has_segments=segment_ids is not None, tile=tile),
         grid=(geo.batch, geo.num_heads, geo.num_q_blocks, geo.num_kv_blocks),
         in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, None, bq, d), q_map), pl.BlockSpec((None, None, bq, LANES), q_map)],
@@ -173,7 +181,7 @@ def forward(q, k, v, segment_ids, call) -> tuple[jax.Array, jax.Array]:
         ],
         compiler_params=_params(),
         interpret=call.interpret,
-        name="flash_attention_fwd",
+        name=f"{name}_fwd",
     )(*args)
     return jnp.swapaxes(out[:, :, : geo.q_len], 1, 2), lse[:, :, : geo.q_len, 0]
 
@@ -191,7 +199,7 @@ def _probs_and_dscores(q, k, v, do, lse, delta, q_block, kv_block, geo, call, se
     return p, ds
 
 
-def _dkv_kernel(*refs, geo: _Geometry, call, has_segments: bool):
+def _dkv_kernel(*refs, geo: _Geometry, call, has_segments: bool, tile_grads):
     if has_segments:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dk_ref, dv_ref, dk_acc, dv_acc = refs
         seg_refs = (q_seg_ref, kv_seg_ref)
@@ -209,7 +217,7 @@ def _dkv_kernel(*refs, geo: _Geometry, call, has_segments: bool):
     @pl.when(geo.q_block(kv_block, q_block) == q_block)
     def _step():
         q, do = q_ref[...], do_ref[...]
-        p, ds = _probs_and_dscores(
+        p, ds = tile_grads(
             q, k_ref[...], v_ref[...], do, lse_ref[...], delta_ref[...], q_block, kv_block, geo, call, seg_refs
         )
         dv_acc[...] += lax.dot_general(p.astype(do.dtype), do, _CONTRACT_FIRST, preferred_element_type=jnp.float32)
@@ -223,7 +231,7 @@ def _dkv_kernel(*refs, geo: _Geometry, call, has_segments: bool):
         dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def _dq_kernel(*refs, geo: _Geometry, call, has_segments: bool):
+def _dq_kernel(*refs, geo: _Geometry, call, has_segments: bool, tile_grads):
     if has_segments:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dq_ref, dq_acc = refs
         seg_refs = (q_seg_ref, kv_seg_ref)
@@ -239,7 +247,7 @@ def _dq_kernel(*refs, geo: _Geometry, call, has_segments: bool):
     @pl.when(geo.kv_block(q_block, kv_block) == kv_block)
     def _step():
         k = k_ref[...]
-        _, ds = _probs_and_dscores(
+        _, ds = tile_grads(
             q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...], q_block, kv_block, geo, call, seg_refs
         )
         dq_acc[...] += call.scale * lax.dot_general(
@@ -251,15 +259,18 @@ def _dq_kernel(*refs, geo: _Geometry, call, has_segments: bool):
         dq_ref[...] = dq_acc[...].astype(dq_ref.dtype)
 
 
-def backward(q, k, v, segment_ids, lse, dout, delta, call) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Gradients (dq, dk, dv) in the input layout, given lse and Δ [B, H, Tq] from the forward pass."""
-    geo = _Geometry(q, k, call, call.blocks.block_q_bwd, call.blocks.block_k_bwd)
+def backward(
+    q, k, v, segment_ids, lse, dout, delta, call, *, geo=None, tile_grads=None, name="flash_attention"
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Gradients (dq, dk, dv) in the input layout, given lse and Δ [B, H, Tq] from the forward pass. `geo`,
+    `tile_grads`: another kernel's blocks and per-tile (weights, ds) on these grids (the landmark kernel's)."""
+    geo = geo or _Geometry(q, k, call, call.blocks.block_q_bwd, call.blocks.block_k_bwd)
     bq, bk, d, nq = geo.block_q, geo.block_k, geo.head_dim, geo.num_q_blocks
     tensors = [geo.heads_major(q, bq), geo.heads_major(k, bk), geo.heads_major(v, bk), geo.heads_major(dout, bq)]
     tensors += [geo.rows(lse), geo.rows(delta)]
     segs = list(geo.segments(segment_ids)) if segment_ids is not None else []
     has_segments = bool(segs)
-    kernel_args = dict(geo=geo, call=call, has_segments=has_segments)
+    kernel_args = dict(geo=geo, call=call, has_segments=has_segments, tile_grads=tile_grads or _probs_and_dscores)
 
     # dk, dv: grid (b, kv head, kv block, group * nq + q block)
     q_rows = lambda b, kh, j, t: (b, kh * geo.groups + t // nq, geo.q_block(j, t % nq), 0)
@@ -281,7 +292,7 @@ def backward(q, k, v, segment_ids, lse, dout, delta, call) -> tuple[jax.Array, j
         scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
         compiler_params=_params(),
         interpret=call.interpret,
-        name="flash_attention_dkv",
+        name=f"{name}_dkv",
     )(*tensors, *segs)
 
     # dq: the forward's grid (b, head, q block, kv block)
@@ -303,7 +314,7 @@ def backward(q, k, v, segment_ids, lse, dout, delta, call) -> tuple[jax.Array, j
         scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
         compiler_params=_params(),
         interpret=call.interpret,
-        name="flash_attention_dq",
+        name=f"{name}_dq",
     )(*tensors, *segs)
     unpad = lambda x, length: jnp.swapaxes(x[:, :, :length], 1, 2)
     return unpad(dq, geo.q_len), unpad(dk, geo.kv_len), unpad(dv, geo.kv_len)

@@ -14,8 +14,9 @@ Backward (residual: lse = m + log l per row; Δ_i = do_i · o_i): with dp_ij = d
   earlier group c   π_ij = softmax over c's regular keys, P_ic = e^{g_ic − lse_i}, u_ic = Σ_j π_ij dp_ij,
                     ds_ij = P_ic π_ij (dp_ij − u_ic)  (members),  ds_{i,lm(c)} = P_ic (u_ic − Δ_i)  (the gate)
   dv = wᵀ do (w the attention weights), dq = scale · ds k, dk = scale · dsᵀ q.
-Grids, padding, the lane-broadcast row statistics, GQA and the causal skip of key tiles are those of
-`flash_attention_tpu` (shared `_Geometry`). Shapes at the boundary: q [B, S, H, D], k/v [B, S, K, D].
+The grids, padding, lane-broadcast row statistics, GQA and causal skip of key tiles are `flash_attention_tpu`'s: its
+kernels run here with this module's per-tile weights (`_forward_tile`) and gradients (`_weights_and_dscores`).
+Shapes at the boundary: q [B, S, H, D], k/v [B, S, K, D].
 """
 
 from __future__ import annotations
@@ -27,11 +28,10 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
+from kernels_pallas import flash_attention_tpu as flash_tpu
 from kernels_pallas.attention_mask import MASK_VALUE
-from kernels_pallas.flash_attention_tpu import _CONTRACT_FIRST, _CONTRACT_LAST, LANES, _Geometry, _params
+from kernels_pallas.flash_attention_tpu import _CONTRACT_LAST, LANES, _Geometry
 
 KERNEL_DTYPES = (jnp.float32, jnp.bfloat16)
 MAX_TILE = 1024  # lcm(mem_freq + 1, 128) above this is refused (model.attention.mem_freq)
@@ -149,83 +149,24 @@ def _groups(s, lane_group, gates, members, num_groups: int):
         yield lanes, e, total, gate
 
 
-def _forward_kernel(*refs, geo: _Geometry, call: Call, has_segments: bool):
-    if has_segments:
-        q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
-        seg_refs = (q_seg_ref, kv_seg_ref)
-    else:
-        q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
-        seg_refs = None
-    q_block, kv_block = pl.program_id(2), pl.program_id(3)
-
-    @pl.when(kv_block == 0)
-    def _init():
-        m_ref[...] = jnp.full(m_ref.shape, MASK_VALUE, jnp.float32)
-        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-
-    @pl.when(geo.kv_block(q_block, kv_block) == kv_block)
-    def _step():
-        s, lane_group, local, gates, members = _tile(q_ref[...], k_ref[...], q_block, kv_block, geo, call, seg_refs)
-        m_prev = m_ref[...]
-        outer = jnp.where(local | gates, s, MASK_VALUE)
-        m_next = jnp.maximum(m_prev, jnp.max(outer, axis=1, keepdims=True))  # [bq, 128]
-        m = m_next[:, :1]
-        w = jnp.where(local, jnp.exp(s - m), 0.0)
-        added = jnp.sum(w, axis=1, keepdims=True) + jnp.sum(
-            jnp.where(gates, jnp.exp(s - m), 0.0), axis=1, keepdims=True
-        )
-        for _, e, total, gate in _groups(s, lane_group, gates, members, geo.block_k // (call.mem_freq + 1)):
-            w = w + e * (jnp.exp(gate - m) / jnp.where(total > 0.0, total, 1.0))
-        correction = jnp.exp(m_prev - m_next)
-        l_ref[...] = correction * l_ref[...] + added
-        m_ref[...] = m_next
-        v = v_ref[...]
-        pv = lax.dot_general(w.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        acc_ref[...] = acc_ref[...] * correction[:, :1] + pv
-
-    @pl.when(kv_block == geo.num_kv_blocks - 1)
-    def _finish():
-        l = l_ref[...]
-        l = jnp.where(l == 0.0, 1.0, l)
-        o_ref[...] = (acc_ref[...] * (1.0 / l)[:, :1]).astype(o_ref.dtype)
-        lse_ref[...] = m_ref[...] + jnp.log(l)
+def _forward_tile(q, k, q_block, kv_block, geo: _Geometry, call: Call, seg_refs, m_prev):
+    """The forward step's weights of one tile pair on flash attention's grid (`flash_attention_tpu._flash_tile`'s
+    contract): (w [bq, bk] relative to the new running max, that max [bq, 128], the outer-softmax sums to add)."""
+    s, lane_group, local, gates, members = _tile(q, k, q_block, kv_block, geo, call, seg_refs)
+    outer = jnp.where(local | gates, s, MASK_VALUE)
+    m_next = jnp.maximum(m_prev, jnp.max(outer, axis=1, keepdims=True))  # [bq, 128]
+    m = m_next[:, :1]
+    w = jnp.where(local, jnp.exp(s - m), 0.0)
+    added = jnp.sum(w, axis=1, keepdims=True) + jnp.sum(jnp.where(gates, jnp.exp(s - m), 0.0), axis=1, keepdims=True)
+    for _, e, total, gate in _groups(s, lane_group, gates, members, geo.block_k // (call.mem_freq + 1)):
+        w = w + e * (jnp.exp(gate - m) / jnp.where(total > 0.0, total, 1.0))
+    return w, m_next, added
 
 
 def forward(q, k, v, segment_ids, call: Call) -> tuple[jax.Array, jax.Array]:
-    """-> (out [B, S, H, D], lse [B, H, S] f32)."""
+    """-> (out [B, S, H, D], lse [B, H, S] f32), on flash attention's forward grid."""
     geo = _geometry(q, k, call)
-    bq, bk, d = geo.block_q, geo.block_k, geo.head_dim
-    q_map = lambda b, h, i, j: (b, h, i, 0)
-    kv_map = lambda b, h, i, j: (b, h // geo.groups, geo.kv_block(i, j), 0)
-    in_specs = [pl.BlockSpec((None, None, bq, d), q_map)] + [pl.BlockSpec((None, None, bk, d), kv_map)] * 2
-    args = [geo.heads_major(q, bq), geo.heads_major(k, bk), geo.heads_major(v, bk)]
-    if segment_ids is not None:
-        in_specs += [
-            pl.BlockSpec((None, bq, LANES), lambda b, h, i, j: (b, i, 0)),
-            pl.BlockSpec((None, 8, bk), lambda b, h, i, j: (b, 0, geo.kv_block(i, j))),
-        ]
-        args += list(geo.segments(segment_ids))
-    q_padded = geo.num_q_blocks * bq
-    out, lse = pl.pallas_call(
-        functools.partial(_forward_kernel, geo=geo, call=call, has_segments=segment_ids is not None),
-        grid=(geo.batch, geo.num_heads, geo.num_q_blocks, geo.num_kv_blocks),
-        in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, None, bq, d), q_map), pl.BlockSpec((None, None, bq, LANES), q_map)],
-        out_shape=[
-            jax.ShapeDtypeStruct((geo.batch, geo.num_heads, q_padded, d), q.dtype),
-            jax.ShapeDtypeStruct((geo.batch, geo.num_heads, q_padded, LANES), jnp.float32),
-        ],
-        scratch_shapes=[
-            pltpu.VMEM((bq, LANES), jnp.float32),
-            pltpu.VMEM((bq, LANES), jnp.float32),
-            pltpu.VMEM((bq, d), jnp.float32),
-        ],
-        compiler_params=_params(),
-        interpret=call.interpret,
-        name="landmark_attention_fwd",
-    )(*args)
-    return jnp.swapaxes(out[:, :, : geo.q_len], 1, 2), lse[:, :, : geo.q_len, 0]
+    return flash_tpu.forward(q, k, v, segment_ids, call, geo=geo, tile=_forward_tile, name="landmark_attention")
 
 
 def _weights_and_dscores(q, k, v, do, lse, delta, q_block, kv_block, geo, call, seg_refs):
@@ -244,119 +185,22 @@ def _weights_and_dscores(q, k, v, do, lse, delta, q_block, kv_block, geo, call, 
     return w, ds
 
 
-def _dkv_kernel(*refs, geo: _Geometry, call: Call, has_segments: bool):
-    if has_segments:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dk_ref, dv_ref, dk_acc, dv_acc = refs
-        seg_refs = (q_seg_ref, kv_seg_ref)
-    else:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_acc, dv_acc = refs
-        seg_refs = None
-    kv_block, step = pl.program_id(2), pl.program_id(3)
-    q_block = step % geo.num_q_blocks
-
-    @pl.when(step == 0)
-    def _init():
-        dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
-        dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
-
-    @pl.when(geo.q_block(kv_block, q_block) == q_block)
-    def _step():
-        q, do = q_ref[...], do_ref[...]
-        w, ds = _weights_and_dscores(
-            q, k_ref[...], v_ref[...], do, lse_ref[...], delta_ref[...], q_block, kv_block, geo, call, seg_refs
-        )
-        dv_acc[...] += lax.dot_general(w.astype(do.dtype), do, _CONTRACT_FIRST, preferred_element_type=jnp.float32)
-        dk_acc[...] += call.scale * lax.dot_general(
-            ds.astype(q.dtype), q, _CONTRACT_FIRST, preferred_element_type=jnp.float32
-        )
-
-    @pl.when(step == geo.groups * geo.num_q_blocks - 1)
-    def _finish():
-        dk_ref[...] = dk_acc[...].astype(dk_ref.dtype)
-        dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
-
-
-def _dq_kernel(*refs, geo: _Geometry, call: Call, has_segments: bool):
-    if has_segments:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dq_ref, dq_acc = refs
-        seg_refs = (q_seg_ref, kv_seg_ref)
-    else:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_acc = refs
-        seg_refs = None
-    q_block, kv_block = pl.program_id(2), pl.program_id(3)
-
-    @pl.when(kv_block == 0)
-    def _init():
-        dq_acc[...] = jnp.zeros(dq_acc.shape, jnp.float32)
-
-    @pl.when(geo.kv_block(q_block, kv_block) == kv_block)
-    def _step():
-        k = k_ref[...]
-        _, ds = _weights_and_dscores(
-            q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...], q_block, kv_block, geo, call, seg_refs
-        )
-        dq_acc[...] += call.scale * lax.dot_general(
-            ds.astype(k.dtype), k, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
-        )
-
-    @pl.when(kv_block == geo.num_kv_blocks - 1)
-    def _finish():
-        dq_ref[...] = dq_acc[...].astype(dq_ref.dtype)
-
-
 def backward(q, k, v, segment_ids, lse, dout, delta, call: Call) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(dq, dk, dv) in the input layout, given lse and Δ [B, H, S] from the forward pass."""
+    """(dq, dk, dv) in the input layout, given lse and Δ [B, H, S], on flash attention's backward grids."""
     geo = _geometry(q, k, call)
-    bq, bk, d, nq = geo.block_q, geo.block_k, geo.head_dim, geo.num_q_blocks
-    tensors = [geo.heads_major(q, bq), geo.heads_major(k, bk), geo.heads_major(v, bk), geo.heads_major(dout, bq)]
-    tensors += [geo.rows(lse), geo.rows(delta)]
-    segs = list(geo.segments(segment_ids)) if segment_ids is not None else []
-    kernel_args = dict(geo=geo, call=call, has_segments=bool(segs))
-
-    q_rows = lambda b, kh, j, t: (b, kh * geo.groups + t // nq, geo.q_block(j, t % nq), 0)
-    kv_rows = lambda b, kh, j, t: (b, kh, j, 0)
-    dkv_specs = [pl.BlockSpec((None, None, bq, d), q_rows)] + [pl.BlockSpec((None, None, bk, d), kv_rows)] * 2
-    dkv_specs += [pl.BlockSpec((None, None, bq, d), q_rows)] + [pl.BlockSpec((None, None, bq, LANES), q_rows)] * 2
-    if segs:
-        dkv_specs += [
-            pl.BlockSpec((None, bq, LANES), lambda b, kh, j, t: (b, geo.q_block(j, t % nq), 0)),
-            pl.BlockSpec((None, 8, bk), lambda b, kh, j, t: (b, 0, j)),
-        ]
-    kv_padded = geo.num_kv_blocks * bk
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, **kernel_args),
-        grid=(geo.batch, geo.num_kv_heads, geo.num_kv_blocks, geo.groups * nq),
-        in_specs=dkv_specs,
-        out_specs=[pl.BlockSpec((None, None, bk, d), kv_rows)] * 2,
-        out_shape=[jax.ShapeDtypeStruct((geo.batch, geo.num_kv_heads, kv_padded, d), k.dtype)] * 2,
-        scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
-        compiler_params=_params(),
-        interpret=call.interpret,
-        name="landmark_attention_dkv",
-    )(*tensors, *segs)
-
-    q_map = lambda b, h, i, j: (b, h, i, 0)
-    kv_map = lambda b, h, i, j: (b, h // geo.groups, geo.kv_block(i, j), 0)
-    dq_specs = [pl.BlockSpec((None, None, bq, d), q_map)] + [pl.BlockSpec((None, None, bk, d), kv_map)] * 2
-    dq_specs += [pl.BlockSpec((None, None, bq, d), q_map)] + [pl.BlockSpec((None, None, bq, LANES), q_map)] * 2
-    if segs:
-        dq_specs += [
-            pl.BlockSpec((None, bq, LANES), lambda b, h, i, j: (b, i, 0)),
-            pl.BlockSpec((None, 8, bk), lambda b, h, i, j: (b, 0, geo.kv_block(i, j))),
-        ]
-    dq = pl.pallas_call(
-        functools.partial(_dq_kernel, **kernel_args),
-        grid=(geo.batch, geo.num_heads, nq, geo.num_kv_blocks),
-        in_specs=dq_specs,
-        out_specs=pl.BlockSpec((None, None, bq, d), q_map),
-        out_shape=jax.ShapeDtypeStruct((geo.batch, geo.num_heads, nq * bq, d), q.dtype),
-        scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
-        compiler_params=_params(),
-        interpret=call.interpret,
-        name="landmark_attention_dq",
-    )(*tensors, *segs)
-    unpad = lambda x, length: jnp.swapaxes(x[:, :, :length], 1, 2)
-    return unpad(dq, geo.q_len), unpad(dk, geo.kv_len), unpad(dv, geo.kv_len)
+    return flash_tpu.backward(
+        q,
+        k,
+        v,
+        segment_ids,
+        lse,
+        dout,
+        delta,
+        call,
+        geo=geo,
+        tile_grads=_weights_and_dscores,
+        name="landmark_attention",
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
