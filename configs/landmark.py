@@ -5,10 +5,11 @@ trained at 512 tokens, as the paper's LLaMA fine-tune), small and 350m (the bloc
 
 python main.py --config=configs/landmark.py:tiny --workdir=runs/landmark-tiny
 
-`model.attention.landmark_impl`: xla (the dense grouped softmax; any mem_freq), pallas (the kernel: mem_freq + 1
-must divide a tile of at most 1024 slots that is a multiple of 128, e.g. 127, 63, 31, 15; interpret mode on CPU, and
-the dense form on GPU until a GPU kernel lands) or auto (the default: the kernel on TPU where mem_freq allows it).
-The paper's lm_benchmark uses mem_freq=50 (dense form only); its LLaMA code 63.
+`model.attention.landmark_impl`: xla (the dense grouped softmax; any mem_freq), pallas (the kernel; on TPU mem_freq
++ 1 must divide a tile of at most 1024 slots that is a multiple of 128, e.g. 127, 63, 31, 15; on GPU, Triton, any
+mem_freq < 256, each block padded to a power of two; interpret mode on CPU) or auto (the default: the kernel on TPU
+where mem_freq allows it, the dense form elsewhere: the GPU kernel is not yet compiled and timed on a GPU).
+The paper's lm_benchmark uses mem_freq=50 (dense form on TPU, the kernel on GPU); its LLaMA code 63.
 """
 
 from configs import base

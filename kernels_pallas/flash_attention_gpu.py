@@ -75,7 +75,19 @@ def _logits(q, k, q_start, k_start, geo: _Geometry, call, q_seg, kv_seg):
     return s, mask
 
 
-def _forward_kernel(*refs, geo: _Geometry, call, has_segments: bool):
+def _flash_tile(q, k, q_start, k_start, geo: _Geometry, call, q_seg, kv_seg, m_prev):
+    """One forward step's weights for a pair of blocks: (p = exp(s - m_next) [bq, bk], the new running max m_next
+    [bq], the row sums of p to add to l). The landmark kernel supplies its own (same contract)."""
+    s, mask = _logits(q, k, q_start, k_start, geo, call, q_seg, kv_seg)
+    if mask is not None:
+        s = jnp.where(mask, s, MASK_VALUE)
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    # junk from fully masked blocks before a row's first visible key is wiped by exp(MASK_VALUE - m) = 0
+    p = jnp.exp(s - m_next[:, None])
+    return p, m_next, jnp.sum(p, axis=1)
+
+
+def _forward_kernel(*refs, geo: _Geometry, call, has_segments: bool, tile):
     if has_segments:
         q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref = refs
     else:
@@ -90,16 +102,11 @@ def _forward_kernel(*refs, geo: _Geometry, call, has_segments: bool):
         acc, m, l = carry
         start = pl.multiple_of(kv_block * bk, bk)
         kv_seg = kv_seg_ref[pl.ds(start, bk)] if has_segments else None
-        s, mask = _logits(q, k_ref[pl.ds(start, bk), :], q_block * bq, start, geo, call, q_seg, kv_seg)
-        if mask is not None:
-            s = jnp.where(mask, s, MASK_VALUE)
-        m_next = jnp.maximum(m, jnp.max(s, axis=1))
-        # junk from fully masked blocks before a row's first visible key is wiped by exp(MASK_VALUE - m) = 0
-        p = jnp.exp(s - m_next[:, None])
+        p, m_next, added = tile(q, k_ref[pl.ds(start, bk), :], q_block * bq, start, geo, call, q_seg, kv_seg, m)
         correction = jnp.exp(m - m_next)
         v = v_ref[pl.ds(start, bk), :]
         acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v, _MATMUL)
-        return acc, m_next, correction * l + jnp.sum(p, axis=1)
+        return acc, m_next, correction * l + added
 
     init = (
         jnp.zeros((bq, geo.padded_dim), jnp.float32),
@@ -118,9 +125,12 @@ def split_segments(segment_ids) -> tuple[jax.Array, jax.Array]:
     return q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
 
 
-def forward(q, k, v, segment_ids, call) -> tuple[jax.Array, jax.Array]:
-    """q [B, Tq, H, D], k/v [B, Tk, K, D] -> (out [B, Tq, H, D], lse [B, H, Tq] f32)."""
-    geo = _Geometry(q, k, call, call.blocks.block_q, call.blocks.block_k)
+def forward(
+    q, k, v, segment_ids, call, *, geo: _Geometry | None = None, tile=_flash_tile, name: str = "flash_attention"
+) -> tuple[jax.Array, jax.Array]:
+    """q [B, Tq, H, D], k/v [B, Tk, K, D] -> (out [B, Tq, H, D], lse [B, H, Tq] f32). `geo` and `tile` let another
+    attention (landmark) run its own per-tile weights on this grid."""
+    geo = geo or _Geometry(q, k, call, call.blocks.block_q, call.blocks.block_k)
     bq, dp, groups = geo.block_q, geo.padded_dim, geo.groups
     kv_padded, q_padded = geo.num_kv_blocks * geo.block_k, geo.num_q_blocks * bq
     in_specs = [pl.BlockSpec((None, bq, None, dp), lambda i, b, h: (b, i, h, 0))]
@@ -134,7 +144,7 @@ def forward(q, k, v, segment_ids, call) -> tuple[jax.Array, jax.Array]:
         q_seg, kv_seg = split_segments(segment_ids)
         args += [pad_to(q_seg, 1, bq, -1), pad_to(kv_seg, 1, geo.block_k, -1)]
     out, lse = pl.pallas_call(
-        functools.partial(_forward_kernel, geo=geo, call=call, has_segments=segment_ids is not None),
+        functools.partial(_forward_kernel, geo=geo, call=call, has_segments=segment_ids is not None, tile=tile),
         grid=(geo.num_q_blocks, geo.batch, geo.num_heads),
         in_specs=in_specs,
         out_specs=[
@@ -147,7 +157,7 @@ def forward(q, k, v, segment_ids, call) -> tuple[jax.Array, jax.Array]:
         ],
         compiler_params=geo.params(stages=2),
         interpret=call.interpret,
-        name="flash_attention_fwd",
+        name=f"{name}_fwd",
     )(*args)
     return out[:, : geo.q_len, :, : geo.head_dim], lse[:, :, : geo.q_len]
 
@@ -163,7 +173,7 @@ def _probs_and_dscores(q, k, v, do, lse, delta, q_start, k_start, geo, call, q_s
     return p, ds
 
 
-def _dkv_kernel(*refs, geo: _Geometry, call, has_segments: bool):
+def _dkv_kernel(*refs, geo: _Geometry, call, has_segments: bool, tile_grads):
     """One key block of one KV head: loops over (group member, query block) pairs that can see it."""
     if has_segments:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dk_ref, dv_ref = refs
@@ -183,7 +193,7 @@ def _dkv_kernel(*refs, geo: _Geometry, call, has_segments: bool):
         rows = pl.ds(start, bq)
         q, do = q_ref[rows, member, :], do_ref[rows, member, :]
         q_seg = q_seg_ref[rows] if has_segments else None
-        p, ds = _probs_and_dscores(
+        p, ds = tile_grads(
             q, k, v, do, lse_ref[member, rows], delta_ref[member, rows], start, kv_block * bk, geo, call, q_seg, kv_seg
         )
         dv = dv + _dot(p.astype(do.dtype), do, _CONTRACT_FIRST)
@@ -195,7 +205,7 @@ def _dkv_kernel(*refs, geo: _Geometry, call, has_segments: bool):
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(*refs, geo: _Geometry, call, has_segments: bool):
+def _dq_kernel(*refs, geo: _Geometry, call, has_segments: bool, tile_grads):
     if has_segments:
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dq_ref = refs
     else:
@@ -210,7 +220,7 @@ def _dq_kernel(*refs, geo: _Geometry, call, has_segments: bool):
         start = pl.multiple_of(kv_block * bk, bk)
         k = k_ref[pl.ds(start, bk), :]
         kv_seg = kv_seg_ref[pl.ds(start, bk)] if has_segments else None
-        _, ds = _probs_and_dscores(
+        _, ds = tile_grads(
             q, k, v_ref[pl.ds(start, bk), :], do, lse, delta, q_block * bq, start, geo, call, q_seg, kv_seg
         )
         return dq + _dot(ds.astype(k.dtype), k, _MATMUL)
@@ -219,9 +229,23 @@ def _dq_kernel(*refs, geo: _Geometry, call, has_segments: bool):
     dq_ref[...] = (dq * call.scale).astype(dq_ref.dtype)
 
 
-def backward(q, k, v, segment_ids, lse, dout, delta, call) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Gradients (dq, dk, dv) given lse and Δ [B, H, Tq] from the forward pass."""
-    geo = _Geometry(q, k, call, call.blocks.block_q_bwd, call.blocks.block_k_bwd)
+def backward(
+    q,
+    k,
+    v,
+    segment_ids,
+    lse,
+    dout,
+    delta,
+    call,
+    *,
+    geo: _Geometry | None = None,
+    tile_grads=_probs_and_dscores,
+    name: str = "flash_attention",
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Gradients (dq, dk, dv) given lse and Δ [B, H, Tq] from the forward pass. `geo` and `tile_grads` (the tile's
+    weights and dL/d(scores)) as in `forward`."""
+    geo = geo or _Geometry(q, k, call, call.blocks.block_q_bwd, call.blocks.block_k_bwd)
     bq, bk, dp, groups = geo.block_q, geo.block_k, geo.padded_dim, geo.groups
     q_padded, kv_padded = geo.num_q_blocks * bq, geo.num_kv_blocks * bk
     qp, dop = geo.pad(q, bq), geo.pad(dout, bq)
@@ -231,7 +255,7 @@ def backward(q, k, v, segment_ids, lse, dout, delta, call) -> tuple[jax.Array, j
     if has_segments:
         q_seg, kv_seg = split_segments(segment_ids)
         q_seg, kv_seg = pad_to(q_seg, 1, bq, -1), pad_to(kv_seg, 1, bk, -1)
-    kernel_args = dict(geo=geo, call=call, has_segments=has_segments)
+    kernel_args = dict(geo=geo, call=call, has_segments=has_segments, tile_grads=tile_grads)
 
     # dk, dv: grid (kv block, batch, kv head); a program reads its group's query heads whole.
     group_rows = pl.BlockSpec((None, q_padded, groups, dp), lambda j, b, kh: (b, 0, kh, 0))
@@ -253,7 +277,7 @@ def backward(q, k, v, segment_ids, lse, dout, delta, call) -> tuple[jax.Array, j
         out_shape=[jax.ShapeDtypeStruct((geo.batch, kv_padded, geo.num_kv_heads, dp), k.dtype)] * 2,
         compiler_params=geo.params(stages=2),
         interpret=call.interpret,
-        name="flash_attention_dkv",
+        name=f"{name}_dkv",
     )(*args)
 
     # dq: grid (q block, batch, head), looping over key blocks.
@@ -276,7 +300,7 @@ def backward(q, k, v, segment_ids, lse, dout, delta, call) -> tuple[jax.Array, j
         out_shape=jax.ShapeDtypeStruct((geo.batch, q_padded, geo.num_heads, dp), q.dtype),
         compiler_params=geo.params(stages=2),
         interpret=call.interpret,
-        name="flash_attention_dq",
+        name=f"{name}_dq",
     )(*args)
     unpad = lambda x, length: x[:, :length, :, : geo.head_dim]
     return unpad(dq, geo.q_len), unpad(dk, geo.kv_len), unpad(dv, geo.kv_len)

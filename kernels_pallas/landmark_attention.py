@@ -1,4 +1,5 @@
-"""Landmark attention's grouped softmax, blockwise: forward and backward Pallas kernels (TPU Mosaic; interpret on CPU).
+"""Landmark attention's grouped softmax, blockwise: forward and backward Pallas kernels (TPU Mosaic here; the GPU
+Triton version, `target="gpu"`, in `landmark_attention_gpu`; interpret mode on CPU).
 
 The specification is the dense form in `lcjax.layers.landmark_attention` (its docstring has the formula). Here the
 expanded sequence (a landmark at the last slot of every block of L = mem_freq + 1 slots) is walked in tiles of
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kernels_pallas import common
 from kernels_pallas import flash_attention_tpu as flash_tpu
 from kernels_pallas.attention_mask import MASK_VALUE
 from kernels_pallas.flash_attention_tpu import _CONTRACT_LAST, LANES, _Geometry
@@ -66,10 +68,13 @@ def landmark_attention(
     interpret: bool = False,
     block_q: int | None = None,
     block_k: int | None = None,
+    target: str | None = None,
 ) -> jax.Array:
     """The grouped softmax over one expanded sequence (landmark at slot s iff s % (mem_freq+1) == mem_freq):
     q [B, S, H, D], k/v [B, S, K, D] -> [B, S, H, D]. `segment_ids` [B, S] keep attention inside a document.
-    Blocks default to lcm(mem_freq + 1, 128) and must be multiples of it."""
+    target: the kernel family, "tpu" (Mosaic; blocks default to lcm(mem_freq + 1, 128) and must be multiples of it)
+    or "gpu" (Triton, `landmark_attention_gpu`; blocks powers of two, multiples of next_pow2(mem_freq + 1));
+    default: "gpu" on a GPU, else "tpu"."""
     if q.ndim != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[2] % k.shape[2]:
         raise ValueError(
             f"landmark_attention: q {q.shape}, k {k.shape}, v {v.shape}: expected q [B, S, H, D] and "
@@ -81,6 +86,16 @@ def landmark_attention(
         )
     if mem_freq < 1:
         raise ValueError(f"landmark_attention: mem_freq={mem_freq} must be >= 1")
+    target = target or ("gpu" if common.backend() == "gpu" else "tpu")
+    if target not in ("tpu", "gpu"):
+        raise ValueError(f"landmark_attention: target={target!r}; expected 'tpu' or 'gpu'")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if target == "gpu":
+        from kernels_pallas import landmark_attention_gpu as gpu
+
+        block_q, block_k = gpu.check(mem_freq, block_q, block_k)
+        call = gpu.Call(mem_freq, q.shape[1], scale, interpret, block_q, block_k)
+        return gpu.landmark_attention(q, k, v, segment_ids, call)
     multiple = tile_multiple(mem_freq)
     if multiple > MAX_TILE:
         raise ValueError(
@@ -89,7 +104,7 @@ def landmark_attention(
         )
     call = Call(
         mem_freq=mem_freq,
-        scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
+        scale=scale,
         interpret=interpret,
         block_q=block_q or multiple,
         block_k=block_k or multiple,

@@ -6,9 +6,14 @@ For each (slots, mem_freq) row, forward + backward of both on q [1, S, heads, he
 - the kernel's largest error against the dense form (output and the three gradients, relative to each array's
   largest entry);
 - time per call on this machine (on CPU the kernel runs in interpret mode, so its time says nothing about a TPU;
-  the dense form is XLA's);
+  the dense form is XLA's; on a GPU the kernel is the Triton one, `kernels_pallas.landmark_attention_gpu`), and
+  for scale causal flash attention over the same slots (`kernels_pallas.flash_attention`, impl=auto: the Pallas
+  kernel on TPU/GPU, the jnp reference on CPU);
 - the temporary memory the TPU compiler (libtpu, `--topology`, one chip) asks for each: the dense form holds the
-  [S, S] weights per head, the kernel O(S) row statistics. Nothing runs on a TPU.
+  [S, S] weights per head, the kernel O(S) row statistics. Nothing runs on a TPU. Rows whose mem_freq the TPU
+  kernel refuses (lcm(mem_freq + 1, 128) > 1024, e.g. the paper's 50) get "-" there.
+
+On a GPU: `python scripts/bench_landmark.py --topology= --mem_freqs=127,63,50 --slots=2048,8192,32768`.
 """
 
 import json
@@ -21,7 +26,8 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from kernels_pallas import common
-from kernels_pallas.landmark_attention import landmark_attention
+from kernels_pallas.flash_attention import flash_attention
+from kernels_pallas.landmark_attention import MAX_TILE, landmark_attention, tile_multiple
 from lcjax.layers import landmark_attention as dense
 
 _SLOTS = flags.DEFINE_list("slots", ["512", "1024", "2048"], "Expanded sequence lengths.")
@@ -68,9 +74,15 @@ def bench_row(slots: int, mem_freq: int) -> dict:
     k, v = jax.random.normal(keys[1], shape_kv), jax.random.normal(keys[2], shape_kv)
     probe = jax.random.normal(keys[3], shape_q)
     scale = _HEAD_DIM.value**-0.5
-    on_tpu = common.backend() == "tpu"
-    kernel = _fwd_bwd(lambda q, k, v: landmark_attention(q, k, v, mem_freq=mem_freq, interpret=not on_tpu))
+    compiled = common.backend() in ("tpu", "gpu")
+    tpu_ok = tile_multiple(mem_freq) <= MAX_TILE
+    # the kernel family: this backend's; on CPU the TPU one where it takes mem_freq, else the GPU one (interpreted)
+    target = "gpu" if common.backend() == "gpu" or not tpu_ok else "tpu"
+    kernel = _fwd_bwd(
+        lambda q, k, v: landmark_attention(q, k, v, mem_freq=mem_freq, interpret=not compiled, target=target)
+    )
     reference = _fwd_bwd(lambda q, k, v: dense.reference(q, k, v, None, mem_freq=mem_freq, scale=scale))
+    flash = _fwd_bwd(lambda q, k, v: flash_attention(q, k, v, causal=True, scale=scale))
     args = (q, k, v, probe)
     got, want = jax.jit(kernel)(*args), jax.jit(reference)(*args)
     error = max(float(jnp.abs(a - b).max() / jnp.abs(b).max()) for a, b in zip(got, want, strict=True))
@@ -80,10 +92,11 @@ def bench_row(slots: int, mem_freq: int) -> dict:
         "max_rel_error": error,
         "kernel_s": _seconds(jax.jit(kernel), args),
         "dense_s": _seconds(jax.jit(reference), args),
-        "kernel_mode": "pallas" if on_tpu else "interpret",
+        "flash_s": _seconds(jax.jit(flash), args),
+        "kernel_mode": f"{target} " + ("compiled" if compiled else "interpret"),
     }
-    kernel_tpu = _fwd_bwd(lambda q, k, v: landmark_attention(q, k, v, mem_freq=mem_freq))
-    row["tpu_temp_bytes_kernel"] = _tpu_temp_bytes(kernel_tpu, args)
+    kernel_tpu = _fwd_bwd(lambda q, k, v: landmark_attention(q, k, v, mem_freq=mem_freq, target="tpu"))
+    row["tpu_temp_bytes_kernel"] = _tpu_temp_bytes(kernel_tpu, args) if tpu_ok else None
     row["tpu_temp_bytes_dense"] = _tpu_temp_bytes(reference, args)
     return row
 
@@ -97,12 +110,13 @@ def main(argv):
             print(json.dumps(rows[-1]), flush=True)
     mib = lambda b: "-" if b is None else f"{b / 2**20:.1f}"
     print(
-        f"\n{'slots':>6} {'freq':>5} {'max err':>9} {'kernel s':>9} {'dense s':>8} {'TPU MiB kernel':>15} {'dense':>8}"
+        f"\n{'slots':>6} {'freq':>5} {'max err':>9} {'kernel s':>9} {'dense s':>8} {'flash s':>8}"
+        f" {'TPU MiB kernel':>15} {'dense':>8}"
     )
     for r in rows:
         print(
             f"{r['slots']:>6} {r['mem_freq']:>5} {r['max_rel_error']:>9.1e} {r['kernel_s']:>9.3f} {r['dense_s']:>8.3f}"
-            f" {mib(r['tpu_temp_bytes_kernel']):>15} {mib(r['tpu_temp_bytes_dense']):>8}"
+            f" {r['flash_s']:>8.3f} {mib(r['tpu_temp_bytes_kernel']):>15} {mib(r['tpu_temp_bytes_dense']):>8}"
         )
     result = {
         "machine": platform.node(),

@@ -9,7 +9,8 @@ under `shard_map` with batch and heads sharded as the activations are; `cudnn` i
 order (the model permutes its inputs once, see `Transformer.__call__`); `landmark` is landmark attention's grouped
 softmax over the model's expanded sequence (`lcjax.layers.landmark_attention`: a landmark after every
 `attention.mem_freq` tokens, which the transformer inserts and removes), dense (`landmark_impl=xla`) or the
-blockwise Pallas kernel (`pallas`; `auto`, the default: the kernel on TPU where `mem_freq` allows it). An
+blockwise Pallas kernel (`pallas`: Mosaic on TPU, Triton on GPU; `auto`, the default: the kernel on TPU where
+`mem_freq` allows it). An
 implementation the backend or mesh lacks falls back to `xla` and says so once. The KV-cache form (`step`) uses
 `xla`, except that with `ring` on a `sequence`-sharded mesh each shard of the cache computes a partial softmax and
 the shards merge by LSE, and that landmark attention's may retrieve top-k blocks (`attention.retrieval_top_k`).
@@ -88,13 +89,22 @@ class AttentionConfig:
                 "model.attention.landmark_impl",
                 f"={self.landmark_impl!r}; expected one of {list(LANDMARK_IMPLS)}",
             )
-        if self.landmark_impl == "pallas" and tile_multiple(self.mem_freq) > MAX_TILE:
+        if self.landmark_impl == "pallas" and kernel_common.backend() == "gpu":
+            from kernels_pallas.landmark_attention_gpu import MAX_GROUP, group_slots
+
+            if group_slots(self.mem_freq) > MAX_GROUP:
+                raise ConfigError(
+                    "model.attention.mem_freq",
+                    f"={self.mem_freq}: the GPU landmark kernel pads each block of mem_freq+1 slots to a power of "
+                    f"two, at most {MAX_GROUP}; use mem_freq < {MAX_GROUP} or model.attention.landmark_impl=xla",
+                )
+        elif self.landmark_impl == "pallas" and tile_multiple(self.mem_freq) > MAX_TILE:
             raise ConfigError(
                 "model.attention.mem_freq",
                 f"={self.mem_freq}: the landmark kernel's tiles must hold whole blocks of mem_freq+1="
                 f"{self.mem_freq + 1} slots and be multiples of 128, so lcm({self.mem_freq + 1}, 128)="
                 f"{tile_multiple(self.mem_freq)} > {MAX_TILE}; use mem_freq+1 dividing 1024 (127, 63, 31, ...) or "
-                "model.attention.landmark_impl=xla",
+                "model.attention.landmark_impl=xla (on GPU the kernel takes any mem_freq < 256)",
             )
         if mesh["sequence"] > 1:
             raise ConfigError(

@@ -20,8 +20,8 @@ block, and no document reads another (`tests/layers/test_landmark_attention.py`)
 
 `weights` / `attend` are the dense form over explicit slots (the parallel form and the KV-cache form share them);
 `causal_landmark_attention` is the parallel core that `attention.impl=landmark` runs: this dense form
-(`landmark_impl=xla`) or the blockwise Pallas kernel (`kernels_pallas.landmark_attention`; `auto`: the kernel on TPU
-when mem_freq allows it, else the dense form).
+(`landmark_impl=xla`) or the blockwise Pallas kernel (`kernels_pallas.landmark_attention`: Mosaic on TPU, Triton on
+GPU; `auto`: the kernel on TPU when mem_freq allows it, else the dense form).
 """
 
 from __future__ import annotations
@@ -149,7 +149,9 @@ IMPLS = ("auto", "xla", "pallas")
 
 def resolve_impl(impl: str, mem_freq: int) -> str:
     """`attention.landmark_impl` -> "xla" or "pallas": auto is the kernel on TPU when its tiles can hold whole
-    blocks of mem_freq + 1 slots, else the dense form."""
+    blocks of mem_freq + 1 slots, else the dense form. On GPU auto stays the dense form: the Triton kernel is
+    checked in interpret mode and lowered for CUDA here, but has not yet been compiled and timed on a GPU
+    (`landmark_impl=pallas` runs it)."""
     if impl != "auto":
         return impl
     from kernels_pallas import common
@@ -169,20 +171,17 @@ def causal_landmark_attention(
     impl: str,
 ) -> jax.Array:
     """The parallel core of `attention.impl=landmark` on the expanded sequence: `impl` "xla" (the dense form
-    above) or "pallas" (the blockwise kernel; interpret mode on CPU)."""
+    above) or "pallas" (the blockwise kernel: Mosaic on TPU, Triton on GPU, interpret mode on CPU)."""
     if resolve_impl(impl, mem_freq) == "xla":
         return reference(q, k, v, segment_ids, mem_freq=mem_freq, scale=scale)
     from kernels_pallas import common
     from kernels_pallas.landmark_attention import landmark_attention
 
     platform = common.backend()
-    if platform == "gpu":
-        common.say_once("model.attention.landmark_impl=pallas has no GPU kernel yet; using the dense form (xla)")
-        return reference(q, k, v, segment_ids, mem_freq=mem_freq, scale=scale)
-    if platform != "tpu":
-        common.say_once("model.attention.landmark_impl=pallas: no TPU here; running the kernel in interpret mode")
+    if platform == "cpu":
+        common.say_once("model.attention.landmark_impl=pallas: no TPU or GPU; running the kernel in interpret mode")
     return landmark_attention(
-        q, k, v, segment_ids=segment_ids, mem_freq=mem_freq, scale=scale, interpret=platform != "tpu"
+        q, k, v, segment_ids=segment_ids, mem_freq=mem_freq, scale=scale, interpret=platform not in ("tpu", "gpu")
     )
 
 

@@ -88,3 +88,67 @@ def test_tpu_kernels_compile_with_mosaic_for_v5e(mem_freq, segments):
     # forward, dk/dv and dq: three Mosaic kernels, compiled (not interpreted)
     assert compiled.as_text().count('custom_call_target="tpu_custom_call"') == 3
     assert compiled.memory_analysis() is not None
+
+
+# GPU (Triton) kernels: (length, mem_freq, heads, kv_heads, segments, block): several groups per 16-slot tile
+# (mem_freq 3, a power-of-two block), and the paper's mem_freq 50 (blocks of 51 padded to 64) with documents, GQA and
+# a partial last block
+GPU_CASES = {
+    "freq3-mqa-four-groups-per-tile": (40, 3, 2, 1, False, 16),
+    "freq50-gqa2-segments-regrouped": (110, 50, 4, 2, True, None),
+}
+
+
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_gpu_interpret_equals_the_dense_grouped_softmax_forward_and_gradients(case):
+    length, mem_freq, heads, kv_heads, segments, block = GPU_CASES[case]
+    q, k, v, seg, probe = _inputs(length, heads, kv_heads, segments, seed=1)
+
+    def kernel(q, k, v):
+        return landmark_attention(
+            q, k, v, mem_freq=mem_freq, segment_ids=seg, interpret=True, target="gpu", block_q=block, block_k=block
+        )
+
+    dense = lambda q, k, v: la.reference(q, k, v, seg, mem_freq=mem_freq, scale=16**-0.5)
+    got, want = _outputs_and_grads(kernel, q, k, v, probe), _outputs_and_grads(dense, q, k, v, probe)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=name)
+    assert float(jnp.abs(want[2]).max()) > 0.1
+
+
+def test_gpu_regrouping_is_invertible_and_pads_blocks_to_a_power_of_two():
+    from kernels_pallas import landmark_attention_gpu as gpu
+
+    call = gpu.Call(mem_freq=4, length=12, scale=1.0, interpret=True, block_q=16, block_k=16)
+    x = jnp.arange(12)[None, :, None] + 1
+    grouped = gpu.regroup(x, call)
+    # blocks of 5 slots at 8-slot strides; the partial third block (2 slots) padded too
+    assert grouped.shape == (1, 24, 1) and grouped[0, :, 0].tolist()[:10] == [1, 2, 3, 4, 5, 0, 0, 0, 6, 7]
+    np.testing.assert_array_equal(gpu.ungroup(grouped, call), x)
+    with pytest.raises(ValueError, match="multiple of next_pow2"):
+        gpu.check(50, 32, None)
+    with pytest.raises(ValueError, match="mem_freq < 256"):
+        gpu.check(300, None, None)
+    assert gpu.check(50, None, None) == (64, 64) and gpu.check(3, None, 16) == (64, 16)
+
+
+def test_gpu_kernels_lower_to_triton_for_cuda_and_the_layer_picks_them():
+    def fn(q, k, v, seg):
+        attend = lambda q, k, v: landmark_attention(q, k, v, mem_freq=50, segment_ids=seg)
+        out, vjp = jax.vjp(attend, q, k, v)
+        return out, *vjp(out)
+
+    shapes = [(2, 1020, 4, 128), (2, 1020, 2, 128), (2, 1020, 2, 128)]
+    args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes] + [jax.ShapeDtypeStruct((2, 1020), jnp.int32)]
+    text = common.lower_for(fn, args, ("cuda",)).as_text()
+    assert text.count("custom_call @__gpu$xla.gpu.triton") == 3  # forward, dk/dv, dq
+    for kernel in ("landmark_attention_fwd", "landmark_attention_dkv", "landmark_attention_dq"):
+        assert kernel in text
+
+    def layer(q, k, v):
+        return la.causal_landmark_attention(q, k, v, None, mem_freq=50, scale=0.1, impl="pallas")
+
+    text = common.lower_for(layer, args[:3], ("cuda",)).as_text()
+    assert text.count("custom_call @__gpu$xla.gpu.triton") == 1
+    with common.tracing_for("gpu"):
+        assert la.resolve_impl("auto", 50) == "xla"  # auto waits for a GPU run (module docstring)

@@ -77,6 +77,20 @@ def test_bad_configs_name_their_field(attention, model, mesh, field):
     assert error.value.field == field, str(error.value)
 
 
+def test_the_mem_freq_the_kernel_takes_depends_on_the_platform():
+    """mem_freq 50 (blocks of 51): no TPU tile of <= 1024 slots holds whole blocks, the GPU kernel pads them to 64;
+    300 is past the GPU kernel's 256-slot blocks."""
+    from kernels_pallas import common
+
+    values = lambda f: {"model": MODEL | {"attention": {"impl": "landmark", "mem_freq": f, "landmark_impl": "pallas"}}}
+    with common.tracing_for("gpu"):
+        from_dict(values(50)).validate(device_count=8)
+        with pytest.raises(ConfigError, match="at most 256"):
+            from_dict(values(300)).validate(device_count=8)
+    with pytest.raises(ConfigError, match="lcm"):
+        from_dict(values(50)).validate(device_count=8)
+
+
 def test_mem_freq_50_runs_on_the_dense_form():  # the paper's lm_benchmark setting: blocks of 51 slots
     model = _model(mem_freq=50)
     tokens = jax.random.randint(jax.random.key(3), (1, 120), 0, 64)
