@@ -63,6 +63,13 @@ _INIT_FROM = flags.DEFINE_multi_string(
     "family:preset=run_dir: that model's first stage starts from the run's latest parameters (e.g. a language-model "
     "pretraining run of main.py; optimizer and step start fresh). Repeat the flag for several models.",
 )
+_DECODE_PIECE = flags.DEFINE_integer(
+    "decode_piece",
+    0,
+    "Score through each model's decode in pieces of this many tokens (0: the parallel form). Landmark attention's "
+    "top-k retrieval (--set=landmark:model.attention.retrieval_top_k=5) is decode-only, and a KV-cache model at 32k "
+    "tokens fits only this way; each row then reports the decode state's bytes per token.",
+)
 _REPORT_ONLY = flags.DEFINE_bool(
     "report_only",
     False,
@@ -105,6 +112,7 @@ def main(argv):
             os.path.join(ROOT, "configs"),
             train=not _REPORT_ONLY.value,
             init_from=dict(_parse_init_from(item) for item in _INIT_FROM.value),
+            decode_piece=_DECODE_PIECE.value,
         )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

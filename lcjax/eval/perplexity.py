@@ -25,6 +25,11 @@ def evaluate(
     and example_accuracy (every answer of an example right), and nonfinite_fraction (examples with an inf/NaN
     logit at an answer: a diverging model, not a wrong guess)."""
     sums = jax.device_get([eval_step(params, device_batch(b)) for b in batches])
+    return summarize(sums, tokens_are_bytes=tokens_are_bytes, task=task)
+
+
+def summarize(sums: Sequence[dict[str, Any]], *, tokens_are_bytes: bool, task: bool = False) -> dict[str, float]:
+    """`evaluate`'s metrics from per-batch `eval_sums` (from the parallel form, or `lcjax.eval.decode_tasks`)."""
     total = {k: sum(np.asarray(s[k], np.float64) for s in sums) for k in sums[0]}
     tokens = float(total["tokens"])
     loss = float(total["nll_sum"]) / max(tokens, 1.0)

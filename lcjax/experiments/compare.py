@@ -32,7 +32,8 @@ from lcjax import config as config_lib
 from lcjax import models as models_lib
 from lcjax.data import pipeline
 from lcjax.errors import ConfigError
-from lcjax.eval.perplexity import evaluate
+from lcjax.eval import decode_tasks
+from lcjax.eval.perplexity import evaluate, summarize
 from lcjax.experiments import score_cache
 from lcjax.experiments.comparison_report import SWEEP_PARAMETER, write_report
 from lcjax.experiments.score_cache import _recipe, load_scores, save_scores, scores_path  # noqa: F401
@@ -159,9 +160,13 @@ def train_model(
     return previous, seconds
 
 
-def score_grid(config, workdir: str, task: str, seq_lens: Sequence[int], values: Sequence[float]) -> list[dict]:
+def score_grid(
+    config, workdir: str, task: str, seq_lens: Sequence[int], values: Sequence[float], decode_piece: int = 0
+) -> list[dict]:
     """Scores the latest checkpoint of `workdir` on `task` at every (seq_len, value) of the grid; points the task
-    cannot build (e.g. MQAR with 2D*p + 2D > L) are reported as skipped with the reason."""
+    cannot build (e.g. MQAR with 2D*p + 2D > L) are reported as skipped with the reason. `decode_piece` > 0: through
+    the model's `decode` in pieces of that many tokens (`lcjax.eval.decode_tasks`: landmark retrieval, or contexts
+    whose parallel form does not fit), with the decode state's bytes per token in each row."""
     run, params, step = run_lib.restore_for_inference(config, workdir)
     eval_step = run.trainer.jit_eval_step()
     rows = []
@@ -186,7 +191,13 @@ def score_grid(config, workdir: str, task: str, seq_lens: Sequence[int], values:
                 process_index=jax.process_index(),
                 process_count=jax.process_count(),
             )
-            metrics = evaluate(eval_step, params, batches, run.trainer.device_batch, tokens_are_bytes=False, task=True)
+            if decode_piece:
+                sums, info = decode_tasks.decode_sums(run.trainer.graphdef, params, batches, piece=decode_piece)
+                metrics = summarize(sums, tokens_are_bytes=False, task=True) | info
+            else:
+                metrics = evaluate(
+                    eval_step, params, batches, run.trainer.device_batch, tokens_are_bytes=False, task=True
+                )
             rows.append({**row, **metrics})
     return rows
 
@@ -245,10 +256,12 @@ def compare(
     configs_dir: str,
     train: bool = True,
     init_from: dict[str, str] | None = None,
+    decode_piece: int = 0,
 ) -> dict:
     """Trains and scores every model; writes the report; returns {model: grid rows}. With `train=False` only the
     models with saved scores for this recipe are reported (the rest are listed as not scored yet). `init_from`
-    {model: run directory}: that model's first stage starts from the run's latest parameters."""
+    {model: run directory}: that model's first stage starts from the run's latest parameters. `decode_piece` > 0
+    scores through `decode` (`score_grid`)."""
     if task not in SWEEP_PARAMETER:
         raise ConfigError("task", f"unknown task {task!r}; expected one of {sorted(SWEEP_PARAMETER)}")
     check_overrides(models, overrides, configs_dir)
@@ -263,7 +276,7 @@ def compare(
         print(f"== model {n}/{len(models)}: {spec}", flush=True)
         base = load_preset(spec, configs_dir)
         mine = overrides_for(spec, overrides)
-        recipe = _recipe(task, stages, seq_lens, values, mine, init_from.get(spec, ""))
+        recipe = _recipe(task, stages, seq_lens, values, mine, init_from.get(spec, ""), decode_piece)
         saved = load_scores(out_dir, spec, recipe)
         if saved is not None:
             print(f"[{spec}] scored before with this recipe: {scores_path(out_dir, spec)}", flush=True)
@@ -277,7 +290,7 @@ def compare(
         last_dir, timings[spec] = train_model(spec, base, task, stages, mine, workdir, init_from.get(spec, ""))
         config = stage_config(base, task, stages[-1], mine)
         sizes[spec] = count_parameters(config)
-        results[spec] = score_grid(config, last_dir, task, seq_lens, values)
+        results[spec] = score_grid(config, last_dir, task, seq_lens, values, decode_piece)
         for r in results[spec]:
             score = f"{100 * r['answer_accuracy']:.1f}%" if "answer_accuracy" in r else "n/a"
             print(

@@ -17,7 +17,7 @@ def scores_path(out_dir: str, spec: str) -> str:
     return os.path.join(out_dir, "scores", spec.replace(":", "_") + ".json")
 
 
-def _recipe(task, stages, seq_lens, values, overrides, init_from: str = "") -> dict[str, Any]:
+def _recipe(task, stages, seq_lens, values, overrides, init_from: str = "", decode_piece: int = 0) -> dict[str, Any]:
     """What a model's scores depend on: scores saved under another recipe are not reused."""
     recipe = {
         "task": task,
@@ -28,6 +28,8 @@ def _recipe(task, stages, seq_lens, values, overrides, init_from: str = "") -> d
     }
     if init_from:  # only when set, so that the scores saved before this key existed still match
         recipe["init_from"] = os.path.abspath(init_from)
+    if decode_piece:  # likewise
+        recipe["decode_piece"] = int(decode_piece)
     return json.loads(json.dumps(recipe))
 
 
