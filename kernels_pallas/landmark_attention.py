@@ -95,7 +95,9 @@ def landmark_attention(
 
         block_q, block_k = gpu.check(mem_freq, block_q, block_k)
         call = gpu.Call(mem_freq, q.shape[1], scale, interpret, block_q, block_k)
-        return gpu.landmark_attention(q, k, v, segment_ids, call)
+        seg = None if segment_ids is None else gpu.regroup(segment_ids.astype(jnp.int32), call, value=-1)
+        out = _landmark(gpu.regroup(q, call), gpu.regroup(k, call), gpu.regroup(v, call), seg, call)
+        return gpu.ungroup(out, call)
     multiple = tile_multiple(mem_freq)
     if multiple > MAX_TILE:
         raise ValueError(
@@ -218,20 +220,29 @@ def backward(q, k, v, segment_ids, lse, dout, delta, call: Call) -> tuple[jax.Ar
     )
 
 
+def _kernels(call):
+    """(forward, backward) of the call's kernel family: this module's (TPU) or `landmark_attention_gpu`'s."""
+    if isinstance(call, Call):
+        return forward, backward
+    from kernels_pallas import landmark_attention_gpu as gpu
+
+    return gpu.forward, gpu.backward
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _landmark(q, k, v, segment_ids, call: Call):
-    return forward(q, k, v, segment_ids, call)[0]
+def _landmark(q, k, v, segment_ids, call):
+    return _kernels(call)[0](q, k, v, segment_ids, call)[0]
 
 
-def _landmark_fwd(q, k, v, segment_ids, call: Call):
-    out, lse = forward(q, k, v, segment_ids, call)
+def _landmark_fwd(q, k, v, segment_ids, call):
+    out, lse = _kernels(call)[0](q, k, v, segment_ids, call)
     return out, (q, k, v, segment_ids, out, lse)
 
 
-def _landmark_bwd(call: Call, residuals, dout):
+def _landmark_bwd(call, residuals, dout):
     q, k, v, segment_ids, out, lse = residuals
     delta = jnp.einsum("bthd,bthd->bht", dout.astype(jnp.float32), out.astype(jnp.float32))
-    dq, dk, dv = backward(q, k, v, segment_ids, lse, dout, delta, call)
+    dq, dk, dv = _kernels(call)[1](q, k, v, segment_ids, lse, dout, delta, call)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 

@@ -2,7 +2,8 @@
 
 The same tile mathematics as the TPU kernels (`kernels_pallas.landmark_attention`'s docstring has the forward and
 the backward), run on `flash_attention_gpu`'s grids: its forward, dk/dv and dq kernels call this module's per-tile
-weights (`_forward_tile`) and gradients (`_weights_and_dscores`) with row statistics as [rows] vectors.
+weights (`_forward_tile`) and gradients (`_weights_and_dscores`) with row statistics as [rows] vectors. The custom
+VJP and the input checks are `kernels_pallas.landmark_attention`'s (`target="gpu"`), which regroups around them.
 
 Layout. Triton tiles are powers of two, so a tile can hold whole landmark blocks only if the block size is one. The
 expanded sequence is therefore regrouped before the kernels: each block of L = mem_freq + 1 slots is zero-padded to
@@ -15,7 +16,6 @@ Tiles are powers of two >= max(16, P), so each holds block_k / P whole groups.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,7 @@ from kernels_pallas import flash_attention_gpu as flash_gpu
 from kernels_pallas.attention_mask import MASK_VALUE
 from kernels_pallas.common import pad_to
 from kernels_pallas.flash_attention_gpu import _CONTRACT_LAST, _Geometry, _next_pow2
+from kernels_pallas.landmark_attention import _groups
 
 MAX_GROUP = 256  # next_pow2(mem_freq + 1) above this is refused (model.attention.mem_freq)
 DEFAULT_BLOCK = 64
@@ -112,19 +113,6 @@ def _tile(q, k, q_start, k_start, geo: _Geometry, call: Call, q_seg, kv_seg):
     return s, lane_group, local, earlier & landmark, earlier & ~landmark
 
 
-def _groups(s, lane_group, gates, members, num_groups: int):
-    """Per group of the key tile: (its lanes, member softmax numerators e [bq, bk], their sums [bq, 1], the gate
-    score [bq, 1] (MASK_VALUE where the group is not an earlier block of the row))."""
-    for c in range(num_groups):
-        lanes = lane_group == c
-        mine = members & lanes
-        top = jnp.max(jnp.where(mine, s, MASK_VALUE), axis=1)[:, None]
-        e = jnp.where(mine, jnp.exp(s - top), 0.0)
-        total = jnp.sum(e, axis=1)[:, None]
-        gate = jnp.max(jnp.where(gates & lanes, s, MASK_VALUE), axis=1)[:, None]
-        yield lanes, e, total, gate
-
-
 def _forward_tile(q, k, q_start, k_start, geo: _Geometry, call: Call, q_seg, kv_seg, m_prev):
     """`flash_attention_gpu._flash_tile`'s contract: (w [bq, bk] relative to the new running max, that max [bq],
     the outer-softmax sums to add [bq])."""
@@ -180,31 +168,3 @@ def backward(q, k, v, segment_ids, lse, dout, delta, call: Call):
         tile_grads=_weights_and_dscores,
         name="landmark_attention",
     )
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _grouped(q, k, v, segment_ids, call: Call):
-    return forward(q, k, v, segment_ids, call)[0]
-
-
-def _grouped_fwd(q, k, v, segment_ids, call: Call):
-    out, lse = forward(q, k, v, segment_ids, call)
-    return out, (q, k, v, segment_ids, out, lse)
-
-
-def _grouped_bwd(call: Call, residuals, dout):
-    q, k, v, segment_ids, out, lse = residuals
-    delta = jnp.einsum("bthd,bthd->bht", dout.astype(jnp.float32), out.astype(jnp.float32))
-    dq, dk, dv = backward(q, k, v, segment_ids, lse, dout, delta, call)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
-
-
-_grouped.defvjp(_grouped_fwd, _grouped_bwd)
-
-
-def landmark_attention(q, k, v, segment_ids, call: Call) -> jax.Array:
-    """The grouped softmax over one expanded sequence, q [B, S, H, D], k/v [B, S, K, D] -> [B, S, H, D] (inputs
-    checked by `kernels_pallas.landmark_attention.landmark_attention`)."""
-    seg = None if segment_ids is None else regroup(segment_ids.astype(jnp.int32), call, value=-1)
-    out = _grouped(regroup(q, call), regroup(k, call), regroup(v, call), seg, call)
-    return ungroup(out, call)
