@@ -66,12 +66,13 @@ def batch_sums(predictions, nll, finite, batch: dict[str, np.ndarray]) -> dict[s
 def decode_sums(graphdef: Any, params: Any, batches: Sequence[dict[str, np.ndarray]], *, piece: int) -> tuple:
     """([sums per batch], info): every batch's rows decoded in pieces of `piece` tokens from an empty cache.
     info: `state_bytes` (the decode state for one batch at this length), `state_bytes_per_token` (per row and
-    token of context), `ms_per_token` (per row, after the first compiling piece)."""
+    token of context), `device_state_bytes(_per_token)` (the part not in host memory), `ms_per_token`
+    (per row, after the first compiling piece)."""
     if piece < 1:
         raise ValueError(f"decode piece={piece} must be >= 1")
     step = _step(graphdef)
     model = nnx.merge(graphdef, params)
-    sums, state_bytes, steady_s, steady_tokens = [], 0, 0.0, 0
+    sums, state_bytes, device_bytes, steady_s, steady_tokens = [], 0, 0, 0.0, 0
     for batch in batches:
         inputs, targets = np.asarray(batch["inputs"], np.int32), np.asarray(batch["targets"], np.int32)
         if "segment_ids" in batch and np.any(
@@ -81,6 +82,13 @@ def decode_sums(graphdef: Any, params: Any, batches: Sequence[dict[str, np.ndarr
         rows, length = inputs.shape
         cache = model.init_cache(rows, length, jnp.float32)
         state_bytes = int(sum(np.dtype(a.dtype).itemsize * a.size for a in jax.tree.leaves(cache)))
+        device_bytes = int(
+            sum(
+                np.dtype(a.dtype).itemsize * a.size
+                for a in jax.tree.leaves(cache)
+                if getattr(getattr(a, "sharding", None), "memory_kind", None) != "pinned_host"
+            )
+        )
         out = [], [], []
         for start in range(0, length, piece):
             began = time.perf_counter()
@@ -98,6 +106,9 @@ def decode_sums(graphdef: Any, params: Any, batches: Sequence[dict[str, np.ndarr
     info = {
         "state_bytes": state_bytes,
         "state_bytes_per_token": state_bytes / (rows * length),
+        # what stays on the device (the host-offloaded landmark cache keeps only the landmark keys there)
+        "device_state_bytes": device_bytes,
+        "device_state_bytes_per_token": device_bytes / (rows * length),
         "ms_per_token": 1000 * steady_s / max(steady_tokens, 1),
         "piece": piece,
     }

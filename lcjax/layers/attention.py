@@ -52,6 +52,9 @@ class AttentionConfig:
     landmark_impl: str = "auto"  # impl=landmark: xla (dense grouped softmax) | pallas (blockwise kernel) | auto
     retrieval_top_k: int = 0  # impl=landmark, decode: 0 = every cached block in place; k > 0 = the paper's top-k
     retrieval_mode: str = "per_token_and_head"  # impl=landmark, top-k per query and head | max_over_tokens
+    # impl=landmark with retrieval_top_k > 0, decode: keys and values in host memory (`pinned_host`), the landmark
+    # keys on the device, and each layer fetches only the blocks its queries retrieve
+    offload_cache: bool = False
 
     def validate(self, *, mesh: dict[str, int], seq_len: int, impls: tuple[str, ...] = IMPLS) -> None:
         """`impls`: the implementations the model's attention offers (a model may offer fewer than `IMPLS`)."""
@@ -68,6 +71,10 @@ class AttentionConfig:
             )
         if self.impl == "landmark":
             self._validate_landmark(mesh)
+        elif self.offload_cache:
+            raise ConfigError(
+                "model.attention.offload_cache", f"=True needs model.attention.impl=landmark, got {self.impl!r}"
+            )
         if self.impl == "ring" and mesh["sequence"] > 1:
             multiple = mesh["sequence"] * (2 if self.ring_layout == "zigzag" else 1)
             if seq_len % multiple:
@@ -118,6 +125,11 @@ class AttentionConfig:
             raise ConfigError(
                 "model.attention.retrieval_mode",
                 f"={self.retrieval_mode!r}; expected one of {list(landmark.RETRIEVAL_MODES)}",
+            )
+        if self.offload_cache and self.retrieval_top_k == 0:
+            raise ConfigError(
+                "model.attention.offload_cache",
+                "=True needs model.attention.retrieval_top_k > 0 (the device fetches only the retrieved blocks)",
             )
 
 
@@ -400,6 +412,8 @@ class SelfAttention(nnx.Module):
         return self._output(out), {"k": k_cache, "v": v_cache}
 
     def _retrieval_step(self, x, positions, cache, index):
+        if self.config.offload_cache:
+            return self._offloaded_retrieval_step(x, positions, cache, index)
         """Landmark decode with top-k block retrieval: the cache holds keys before RoPE (they are re-rotated at
         the positions retrieval gives them, `landmark.retrieval_attention`)."""
         q_raw, k, v = self._project(x, None)
@@ -420,3 +434,27 @@ class SelfAttention(nnx.Module):
             rope=rope,
         )
         return self._output(out), {"k": k_cache, "v": v_cache}
+
+    def _offloaded_retrieval_step(self, x, positions, cache, index):
+        """`_retrieval_step` with the host-offloaded cache (`offload_cache_layout`): the new keys and values are
+        written in host memory, the selection reads the device's landmark keys, and only the blocks the chunk's
+        queries retrieve (and their own blocks) are copied to the device (`landmark.fetch_blocks`)."""
+        q_raw, k, v = self._project(x, None)
+        cfg = self.config
+        block = cfg.mem_freq + 1
+        k_host, v_host = landmark.write_host(cache["k"], cache["v"], k, v, index)
+        lm_keys = landmark.write_landmark_keys(cache["lm"], k, index, cfg.mem_freq)
+        rope = lambda t, p: apply_rope(t, p, self.rope_theta)
+        q_slots = jnp.broadcast_to(index + jnp.arange(x.shape[1]), x.shape[:2])
+        chosen, usable, new_block = landmark.select_blocks(
+            q_raw, lm_keys.astype(q_raw.dtype), q_slots, mem_freq=cfg.mem_freq, top_k=cfg.retrieval_top_k,
+            mode=cfg.retrieval_mode, rope=rope,
+        )  # fmt: skip
+        kb, vb, where = landmark.fetch_blocks(
+            k_host, v_host, chosen, usable, q_slots, block=block, mode=cfg.retrieval_mode
+        )
+        out = landmark.attend_blocks(
+            rope(q_raw, positions), kb.astype(q_raw.dtype), vb.astype(q_raw.dtype), where, chosen, usable,
+            new_block, q_slots, mem_freq=cfg.mem_freq, scale=self.head_dim**-0.5, rope=rope,
+        )  # fmt: skip
+        return self._output(out), {"k": k_host, "v": v_host, "lm": lm_keys}

@@ -206,30 +206,49 @@ def retrieval_attention(
     in the same grouped softmax. q [B, n, H, D] is rotated at the queries' slots, q_raw the same queries before
     RoPE; the caches hold keys *before* RoPE [B, S, K, D] and values, at expanded slots 0..S-1.
 
-    Selection: the score of block c is q · k_lm(c) with every landmark key one block (L slots) behind the query,
-    so distance does not bias it; `mode` "per_token_and_head" picks per query and head, "max_over_tokens" once per
-    head for the whole chunk (each block's best score over the chunk's queries; a query uses those of the chosen
-    blocks that are earlier than its own, so early queries of a long chunk may read fewer than k). Fewer earlier
-    blocks than `top_k`: all of them (clamped). Positions ("stingy"): the chosen blocks, in their original order,
-    take the k block slots just before the query's own block, so no key sits farther back than k blocks. With
-    `top_k` >= every block, the chosen blocks are all of them at their own positions and the output is the
-    training form's."""
+    Selection (`select_blocks`): the score of block c is q · k_lm(c) with every landmark key one block (L slots)
+    behind the query, so distance does not bias it; `mode` "per_token_and_head" picks per query and head,
+    "max_over_tokens" once per head for the whole chunk (each block's best score over the chunk's queries; a query
+    uses those of the chosen blocks that are earlier than its own, so early queries of a long chunk may read fewer
+    than k). Fewer earlier blocks than `top_k`: all of them (clamped). Positions ("stingy"): the chosen blocks, in
+    their original order, take the k block slots just before the query's own block, so no key sits farther back
+    than k blocks. With `top_k` >= every block, the chosen blocks are all of them at their own positions and the
+    output is the training form's. The host-offloaded cache (`offloaded_retrieval`) runs the same selection and
+    `attend_blocks` on the blocks it fetched."""
     block = mem_freq + 1
-    batch, n, num_heads, head_dim = q.shape
-    kv_heads = k_cache.shape[2]
-    groups = num_heads // kv_heads
-    num_blocks = -(-k_cache.shape[1] // block)
-    pad = num_blocks * block - k_cache.shape[1]
-    kc = jnp.pad(k_cache, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(batch, num_blocks, block, kv_heads, head_dim)
-    vc = jnp.pad(v_cache, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(kc.shape)
-    acc = jnp.promote_types(q.dtype, jnp.float32)
-    heads_of = lambda x: jnp.repeat(x, groups, axis=-2)  # [..., K, D] -> [..., H, D]
-    q_block = q_slots // block  # [B, n]
+    batch = q.shape[0]
+    kc, vc = as_blocks(k_cache, block), as_blocks(v_cache, block)
+    num_blocks = kc.shape[1]
+    chosen, usable, new_block = select_blocks(
+        q_raw, kc[:, :, mem_freq], q_slots, mem_freq=mem_freq, top_k=top_k, mode=mode, rope=rope
+    )
+    where = jnp.broadcast_to(jnp.arange(num_blocks), (batch, num_blocks))
+    return attend_blocks(
+        q, kc, vc, where, chosen, usable, new_block, q_slots, mem_freq=mem_freq, scale=scale, rope=rope
+    )
 
-    # selection scores [B, n, H, blocks]: q one block ahead of every landmark key
-    q_sel = rope(q_raw, jnp.full(q_raw.shape[:2], block, jnp.int32))
-    lm_keys = heads_of(kc[:, :, mem_freq])  # [B, blocks, H, D]
-    sel = jnp.einsum("bnhd,bchd->bnhc", q_sel, lm_keys, preferred_element_type=acc)
+
+def as_blocks(cache: jax.Array, block: int) -> jax.Array:
+    """A cache [B, S, K, D] of expanded slots as blocks [B, ceil(S / L), L, K, D] (the last one padded)."""
+    num_blocks = -(-cache.shape[1] // block)
+    pad = num_blocks * block - cache.shape[1]
+    cache = jnp.pad(cache, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    return cache.reshape(cache.shape[0], num_blocks, block, *cache.shape[2:])
+
+
+def select_blocks(q_raw, lm_keys, q_slots, *, mem_freq: int, top_k: int, mode: str, rope):
+    """Top-k selection from the landmark keys alone (`retrieval_attention`): queries before RoPE q_raw [B, n, H, D],
+    every block's landmark key before RoPE lm_keys [B, blocks, K, D]. Returns (chosen, usable, new_block), each
+    [B, n, H, k] with k = min(top_k, blocks): the chosen block ids in ascending order (unusable ones last, clamped to a
+    valid id), whether each is an earlier complete block of the query, and the block slot it is read at."""
+    block = mem_freq + 1
+    num_heads = q_raw.shape[2]
+    num_blocks, kv_heads = lm_keys.shape[1], lm_keys.shape[2]
+    acc = jnp.promote_types(q_raw.dtype, jnp.float32)
+    q_block = q_slots // block  # [B, n]
+    q_sel = rope(q_raw, jnp.full(q_raw.shape[:2], block, jnp.int32))  # q one block ahead of every landmark key
+    lm = jnp.repeat(lm_keys, num_heads // kv_heads, axis=-2)  # [B, blocks, H, D]
+    sel = jnp.einsum("bnhd,bchd->bnhc", q_sel, lm, preferred_element_type=acc)
     earlier = jnp.arange(num_blocks)[None, None, :] < q_block[:, :, None]  # [B, n, blocks] complete, earlier
     sel = jnp.where(earlier[:, :, None, :], sel, -jnp.inf)
     if mode == "max_over_tokens":
@@ -246,21 +265,33 @@ def retrieval_attention(
     chosen = jnp.minimum(chosen, num_blocks - 1)
     count = usable.sum(-1, keepdims=True)  # [B, n, H, 1]
     new_block = q_block[:, :, None, None] - count + jnp.arange(k)  # the k block slots before the own block
+    return chosen, usable, new_block
 
+
+def attend_blocks(q, kb, vb, where, chosen, usable, new_block, q_slots, *, mem_freq: int, scale: float, rope):
+    """The retrieval softmax (`retrieval_attention`) over blocks kb/vb [B, U, L, K, D] (keys before RoPE), where
+    `where` [B, blocks] is the row of kb holding each block id (every block the queries read: their chosen ones and
+    their own)."""
+    block = mem_freq + 1
+    batch, n, num_heads, head_dim = q.shape
+    groups = num_heads // kb.shape[3]
+    num_blocks = where.shape[1]
+    acc = jnp.promote_types(q.dtype, jnp.float32)
+    heads_of = lambda x: jnp.repeat(x, groups, axis=-2)  # [..., K, D] -> [..., H, D]
+    q_block = q_slots // block
+    rows = jnp.arange(batch)[:, None, None, None]
     # the chosen blocks' keys and values [B, n, H, k, L, D], keys rotated at their new slots
-    head_idx = jnp.arange(num_heads) // groups
-    gather = lambda cache: cache[
-        jnp.arange(batch)[:, None, None, None], chosen, :, head_idx[None, None, :, None]
-    ]  # [B, n, H, k, L, D]
-    k_ret, v_ret = gather(kc), gather(vc)
+    head_idx = (jnp.arange(num_heads) // groups)[None, None, :, None]
+    gather = lambda cache: cache[rows, where[rows, chosen], :, head_idx]
+    k_ret, v_ret = gather(kb), gather(vb)
     k_pos = new_block[..., None] * block + jnp.arange(block)  # [B, n, H, k, L]
     k_ret = rope(k_ret.reshape(batch, -1, 1, head_dim), k_pos.reshape(batch, -1)).reshape(k_ret.shape)
     s_ret = jnp.einsum("bnhd,bnhkld->bnhkl", q, k_ret, preferred_element_type=acc) * scale
     # the own block: keys at their own slots, causal, landmark excluded
     own_slots = q_block[..., None] * block + jnp.arange(block)  # [B, n, L]
-    own_block = jnp.minimum(q_block, num_blocks - 1)
-    k_own = heads_of(kc[jnp.arange(batch)[:, None], own_block])  # [B, n, L, H, D]
-    v_own = heads_of(vc[jnp.arange(batch)[:, None], own_block])
+    own_row = where[jnp.arange(batch)[:, None], jnp.minimum(q_block, num_blocks - 1)]  # [B, n]
+    k_own = heads_of(kb[jnp.arange(batch)[:, None], own_row])  # [B, n, L, H, D]
+    v_own = heads_of(vb[jnp.arange(batch)[:, None], own_row])
     k_own = rope(k_own.reshape(batch, -1, num_heads, head_dim), own_slots.reshape(batch, -1)).reshape(k_own.shape)
     s_own = jnp.einsum("bnhd,bnlhd->bnhl", q, k_own, preferred_element_type=acc) * scale
     local = (own_slots <= q_slots[..., None]) & (jnp.arange(block) < mem_freq)  # [B, n, L]
@@ -279,3 +310,79 @@ def retrieval_attention(
     out = jnp.einsum("bnhk,bnhkd->bnhd", e_gate / z, read)
     out = out + jnp.einsum("bnhl,bnlhd->bnhd", e_own / z, v_own.astype(acc))
     return out.astype(q.dtype)
+
+
+# The host-offloaded block cache (`attention.offload_cache`): keys (before RoPE) and values of every slot live in
+# host memory (`pinned_host`), the landmark keys [B, blocks, K, D] (1/L of the keys) on the device. Each layer's
+# selection reads only the landmark keys; then the blocks its queries chose, and their own blocks, are copied to the
+# device, so device memory per token of context is the landmark keys' alone, and each step moves a bounded number
+# of blocks. XLA places the writes in host memory (`compute_on("device_host")`) and the copies with `device_put`.
+HOST = jax.memory.Space.Host
+DEVICE = jax.memory.Space.Device
+
+
+def offload(cache: dict[str, jax.Array], mem_freq: int) -> dict[str, jax.Array]:
+    """A layer cache {"k", "v"} [..., S, K, D] (S a multiple of mem_freq + 1) -> the offloaded layout: "k", "v" in
+    host memory and "lm" [..., S / L, K, D] on the device."""
+    k = cache["k"]
+    lm = jnp.zeros((*k.shape[:-3], k.shape[-3] // (mem_freq + 1), *k.shape[-2:]), k.dtype)
+    return {"k": jax.device_put(cache["k"], HOST), "v": jax.device_put(cache["v"], HOST), "lm": lm}
+
+
+def write_host(k_host, v_host, k, v, index):
+    """The chunk's keys and values [B, n, K, D] written into the host caches at slot `index`."""
+    from jax.experimental.compute_on import compute_on
+
+    k_new, v_new = jax.device_put(k.astype(k_host.dtype), HOST), jax.device_put(v.astype(v_host.dtype), HOST)
+    at = jax.device_put(jnp.asarray(index, jnp.int32), HOST)
+    zero = jax.device_put(jnp.zeros((), jnp.int32), HOST)
+    with compute_on("device_host"):
+        k_host = jax.lax.dynamic_update_slice(k_host, k_new, (zero, at, zero, zero))
+        v_host = jax.lax.dynamic_update_slice(v_host, v_new, (zero, at, zero, zero))
+    return k_host, v_host
+
+
+def write_landmark_keys(lm, k, index, mem_freq: int):
+    """The device's landmark keys [B, blocks, K, D] with those of the chunk's landmark slots (keys k [B, n, K, D] at
+    slots index..index+n-1) written in."""
+    slots = index + jnp.arange(k.shape[1])
+    target = jnp.where(is_landmark_slot(slots, mem_freq), slots // (mem_freq + 1), lm.shape[1])  # else dropped
+    return lm.at[:, target].set(k.astype(lm.dtype), mode="drop")
+
+
+def fetch_budget(n: int, num_heads: int, k: int, block: int, num_blocks: int, mode: str) -> int:
+    """Blocks one row of a chunk of n slots may read: the chosen ones of every query and head (of every head,
+    once, with max_over_tokens) and the blocks the chunk's own slots fall in."""
+    chosen = (1 if mode == "max_over_tokens" else n) * num_heads * k
+    return min(num_blocks, chosen + -(-n // block) + 1)
+
+
+def fetch_blocks(k_host, v_host, chosen, usable, q_slots, *, block: int, mode: str = "per_token_and_head"):
+    """Copies from the host caches [B, S, K, D] to the device the blocks a chunk reads: every usable chosen block
+    [B, n, H, k] and each query's own block. Returns (kb, vb) [B, U, L, K, D] and `where` [B, blocks], the row of kb
+    holding each block id that was fetched (U: `fetch_budget`)."""
+    batch, n, num_heads, k = chosen.shape
+    num_blocks = k_host.shape[1] // block
+    budget = fetch_budget(n, num_heads, k, block, num_blocks, mode)
+    own = jnp.minimum(q_slots // block, num_blocks - 1)
+    ids = jnp.concatenate([jnp.where(usable, chosen, num_blocks).reshape(batch, -1), own], axis=1)
+    rows = jnp.arange(batch)[:, None]
+    needed = jnp.zeros((batch, num_blocks + 1), bool).at[rows, ids].set(True)[:, :num_blocks]
+    # the needed block ids of each row in ascending order, padded with block 0 (fetched as block 0's rows: the
+    # duplicates hold the same data, so whichever `where` keeps is right)
+    fetched = jax.vmap(lambda m: jnp.nonzero(m, size=budget, fill_value=0)[0])(needed).astype(jnp.int32)
+    where = jnp.zeros((batch, num_blocks), jnp.int32).at[rows, fetched].set(jnp.arange(budget, dtype=jnp.int32))
+    tail = k_host.shape[2:]
+
+    def copy(j, bufs):
+        b, u = j // budget, j % budget
+        start = (b, fetched[b, u] * block, 0, 0)
+        out = []
+        for host, buf in zip((k_host, v_host), bufs, strict=True):
+            piece = jax.device_put(jax.lax.dynamic_slice(host, start, (1, block, *tail)), DEVICE)
+            out.append(jax.lax.dynamic_update_slice(buf, piece[:, None], (b, u, 0, 0, 0)))
+        return tuple(out)
+
+    empty = jnp.zeros((batch, budget, block, *tail), k_host.dtype)
+    kb, vb = jax.lax.fori_loop(0, batch * budget, copy, (empty, empty))
+    return kb, vb, where

@@ -184,8 +184,17 @@ class Transformer(CausalLM):
         if self.cfg.landmarks:  # the expanded slots, and room for the padding slots of `decode_embedded`
             mem_freq = self.cfg.attention.mem_freq
             max_len = landmark.num_slots(max_len, mem_freq) + -(-max_len // mem_freq) + 1
+            max_len = -(-max_len // (mem_freq + 1)) * (mem_freq + 1)  # whole blocks
         shape = (batch_size, max_len, self.cfg.num_kv_heads, self.cfg.resolved_head_dim)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    def init_cache(self, batch_size: int, max_len: int = 0, dtype: jnp.dtype = jnp.float32) -> dict:
+        """The skeleton's cache; with `attention.offload_cache` the keys and values sit in host memory and the
+        device keeps the landmark keys (`landmark.offload`)."""
+        cache = super().init_cache(batch_size, max_len, dtype)
+        if self.cfg.landmarks and self.cfg.attention.offload_cache:
+            cache = {**cache, "layers": landmark.offload(cache["layers"], self.cfg.attention.mem_freq)}
+        return cache
 
     def decode_embedded(self, x, cache):
         """The recurrent form; with landmarks, the n new tokens and the landmarks that fall among them run as one

@@ -1,5 +1,6 @@
 """Task scoring through `decode` (`lcjax.eval.decode_tasks`) == the parallel form's `eval_sums`, for a KV-cache
-transformer and for landmark attention with top-k >= every block (where retrieval is the training form), with
+transformer and for landmark attention with top-k >= every block (where retrieval is the training form; its cache
+on the device or offloaded to host memory), with
 answers that straddle two decode pieces; and top-k below the block count scores something else."""
 
 import jax
@@ -43,8 +44,12 @@ def _batch(graphdef, params):
 
 @pytest.mark.parametrize(
     "attention",
-    [{}, {"impl": "landmark", "mem_freq": 3, "retrieval_top_k": 8}],
-    ids=["kv-cache", "landmark-top-k-all-blocks"],
+    [
+        {},
+        {"impl": "landmark", "mem_freq": 3, "retrieval_top_k": 8},
+        {"impl": "landmark", "mem_freq": 3, "retrieval_top_k": 8, "offload_cache": True},
+    ],
+    ids=["kv-cache", "landmark-top-k-all-blocks", "landmark-host-offloaded"],
 )
 def test_decode_scoring_equals_the_parallel_form(attention):
     graphdef, params = _model(**attention)
@@ -61,6 +66,10 @@ def test_decode_scoring_equals_the_parallel_form(attention):
         assert decoded[key] == parallel[key], key
     np.testing.assert_allclose(decoded["loss"], parallel["loss"], rtol=1e-5)
     assert info["state_bytes"] > 0 and info["state_bytes_per_token"] == info["state_bytes"] / (3 * LENGTH)
+    if attention.get("offload_cache"):  # on the device: the landmark keys, 1/(2L) of keys and values, and the index
+        assert info["device_state_bytes"] < info["state_bytes"] / 8
+    else:
+        assert info["device_state_bytes"] == info["state_bytes"]
 
 
 def test_top_k_below_the_block_count_is_another_inference():

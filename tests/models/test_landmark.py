@@ -121,3 +121,40 @@ def test_decode_with_top_k_over_every_block_equals_the_parallel_form_and_fewer_b
         np.testing.assert_allclose(fewer[:, :9], want[:, :9], atol=1e-5, rtol=0)
     # (max_over_tokens picks one set for a whole piece: tokens 6-8 share the 16-token piece's set)
     assert float(jnp.abs(fewer[:, 9:] - want[:, 9:]).max()) > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["per_token_and_head", "max_over_tokens"])
+def test_the_host_offloaded_cache_decodes_as_the_device_cache_and_keeps_only_landmark_keys_on_device(mode):
+    """22 tokens in ragged pieces (5, 1, 16) with k = 2 of 7 blocks: the offloaded cache (keys and values in
+    pinned_host memory, each layer fetching the blocks its queries chose) gives the device cache's logits, and the
+    device holds only the landmark keys (1/L of the keys)."""
+    tokens = jax.random.randint(jax.random.key(1), (2, 22), 0, 64)
+
+    def decoded(offload):
+        model = _model(retrieval_top_k=2, retrieval_mode=mode, offload_cache=offload)
+        decode = nnx.jit(lambda model, tokens, cache: model.decode(tokens, cache))
+        cache, outs, start = model.init_cache(2, 22), [], 0
+        for n in (5, 1, 16):
+            out, cache = decode(model, tokens[:, start : start + n], cache)
+            outs.append(out)
+            start += n
+        return jnp.concatenate(outs, axis=1), cache
+
+    want, device_cache = decoded(False)
+    got, host_cache = decoded(True)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    layers = host_cache["layers"]
+    assert layers["k"].sharding.memory_kind == layers["v"].sharding.memory_kind == "pinned_host"
+    assert layers["lm"].sharding.memory_kind == "device"
+    np.testing.assert_array_equal(layers["k"], device_cache["layers"]["k"])  # the same keys, in host memory
+    slots = layers["k"].shape[2]
+    assert layers["lm"].shape[2] * 4 == slots  # one landmark key per block of L = 4 slots
+    np.testing.assert_array_equal(layers["lm"], device_cache["layers"]["k"][:, :, 3::4])
+
+
+def test_offload_cache_needs_landmark_retrieval():
+    with pytest.raises(ConfigError, match="model.attention.offload_cache"):
+        attention = {"impl": "landmark", "mem_freq": 3, "offload_cache": True}
+        from_dict({"model": MODEL | {"attention": attention}}).validate(device_count=8)
+    with pytest.raises(ConfigError, match="model.attention.offload_cache"):
+        from_dict({"model": MODEL | {"attention": {"impl": "xla", "offload_cache": True}}}).validate(device_count=8)
