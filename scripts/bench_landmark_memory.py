@@ -3,7 +3,7 @@ and host-offloaded (`model.attention.offload_cache`: keys and values in pinned_h
 device), per token of context at every --lengths; and, side by side at --check_len, that both caches decode the
 same logits (max abs difference) and their time per token. Prints a table and writes JSON.
 
-    python scripts/bench_landmark_memory.py --preset=tiny --lengths=512,2048,8192,32768 --check_len=1024 \
+    python scripts/bench_landmark_memory.py --preset=tiny --lengths=512,2048,8192,32768 --check_len=2048 \
         --out=docs/benchmarks/landmark_memory.json
 """
 
@@ -23,11 +23,13 @@ from flax import nnx  # noqa: E402
 from configs import landmark  # noqa: E402
 from lcjax import models  # noqa: E402
 from lcjax.config import from_dict  # noqa: E402
+from lcjax.eval.decode_tasks import cache_bytes  # noqa: E402
+from lcjax.layers import landmark_attention  # noqa: E402
 
 _PRESET = flags.DEFINE_string("preset", "tiny", "configs/landmark.py preset.")
 _TOP_K = flags.DEFINE_integer("top_k", 5, "model.attention.retrieval_top_k.")
 _LENGTHS = flags.DEFINE_list("lengths", ["512", "2048", "8192", "32768"], "Context lengths (tokens) to size.")
-_CHECK_LEN = flags.DEFINE_integer("check_len", 1024, "Tokens decoded by both caches to compare (0: none).")
+_CHECK_LEN = flags.DEFINE_integer("check_len", 2048, "Tokens decoded by both caches to compare (0: none).")
 _PIECE = flags.DEFINE_integer("piece", 1, "Tokens per decode call in the check (1: generation).")
 _OUT = flags.DEFINE_string("out", "", "JSON output path (default: none).")
 
@@ -41,16 +43,6 @@ def _model(offload: bool):
     return models.build(config, nnx.Rngs(0))
 
 
-def _bytes(cache, device_only: bool) -> int:
-    return int(
-        sum(
-            a.size * np.dtype(a.dtype).itemsize
-            for a in jax.tree.leaves(cache)
-            if not device_only or a.sharding.memory_kind != "pinned_host"
-        )
-    )
-
-
 def main(argv):
     del argv
     built = {offload: _model(offload) for offload in (False, True)}
@@ -60,8 +52,8 @@ def main(argv):
         for offload, model in built.items():
             cache = model.init_cache(1, length)
             name = "offloaded" if offload else "device"
-            row[f"{name}_device_bytes_per_token"] = _bytes(cache, True) / length
-            row[f"{name}_total_bytes_per_token"] = _bytes(cache, False) / length
+            row[f"{name}_device_bytes_per_token"] = cache_bytes(cache, device_only=True) / length
+            row[f"{name}_total_bytes_per_token"] = cache_bytes(cache) / length
             del cache
         rows.append(row)
     check = {}
@@ -70,7 +62,7 @@ def main(argv):
         logits = {}
         for offload, model in built.items():
             decode = nnx.jit(lambda model, t, cache: model.decode(t, cache), donate_argnums=2)
-            cache, outs, steady, began = model.init_cache(1, _CHECK_LEN.value), [], 0.0, None
+            cache, outs, steady = model.init_cache(1, _CHECK_LEN.value), [], 0.0
             for start in range(0, _CHECK_LEN.value, _PIECE.value):
                 began = time.perf_counter()
                 out, cache = decode(model, tokens[:, start : start + _PIECE.value], cache)
@@ -82,6 +74,15 @@ def main(argv):
                 1000 * steady / (_CHECK_LEN.value - _PIECE.value)
             )
         check["max_abs_logit_diff"] = float(np.abs(logits[True] - logits[False]).max())
+        # blocks in the cache vs blocks one call may fetch: the check means something only when fewer are fetched
+        cfg = built[True].cfg
+        block = cfg.attention.mem_freq + 1
+        slots = built[True].init_cache(1, _CHECK_LEN.value)["layers"]["k"].shape[2]
+        chunk = _PIECE.value + -(-_PIECE.value // cfg.attention.mem_freq)
+        check["cache_blocks"] = slots // block
+        check["fetched_blocks_per_call"] = landmark_attention.fetch_budget(
+            chunk, cfg.num_heads, _TOP_K.value, block, slots // block, cfg.attention.retrieval_mode
+        )
         check |= {"tokens": _CHECK_LEN.value, "piece": _PIECE.value}
     print(f"landmark:{_PRESET.value}, top-k {_TOP_K.value}, {jax.devices()[0].platform}; bytes per token of context")
     print("| tokens | device cache: on device | offloaded: on device | offloaded: in host memory |")

@@ -63,6 +63,17 @@ def batch_sums(predictions, nll, finite, batch: dict[str, np.ndarray]) -> dict[s
     }
 
 
+def cache_bytes(cache: Any, *, device_only: bool = False) -> int:
+    """Bytes of a decode state; `device_only`: without the leaves in host memory (`pinned_host`)."""
+    return int(
+        sum(
+            np.dtype(a.dtype).itemsize * a.size
+            for a in jax.tree.leaves(cache)
+            if not device_only or getattr(getattr(a, "sharding", None), "memory_kind", None) != "pinned_host"
+        )
+    )
+
+
 def decode_sums(graphdef: Any, params: Any, batches: Sequence[dict[str, np.ndarray]], *, piece: int) -> tuple:
     """([sums per batch], info): every batch's rows decoded in pieces of `piece` tokens from an empty cache.
     info: `state_bytes` (the decode state for one batch at this length), `state_bytes_per_token` (per row and
@@ -81,14 +92,7 @@ def decode_sums(graphdef: Any, params: Any, batches: Sequence[dict[str, np.ndarr
             raise ValueError("decode scoring reads one document per row; this batch packs several")
         rows, length = inputs.shape
         cache = model.init_cache(rows, length, jnp.float32)
-        state_bytes = int(sum(np.dtype(a.dtype).itemsize * a.size for a in jax.tree.leaves(cache)))
-        device_bytes = int(
-            sum(
-                np.dtype(a.dtype).itemsize * a.size
-                for a in jax.tree.leaves(cache)
-                if getattr(getattr(a, "sharding", None), "memory_kind", None) != "pinned_host"
-            )
-        )
+        state_bytes, device_bytes = cache_bytes(cache), cache_bytes(cache, device_only=True)
         out = [], [], []
         for start in range(0, length, piece):
             began = time.perf_counter()

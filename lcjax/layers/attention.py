@@ -412,10 +412,10 @@ class SelfAttention(nnx.Module):
         return self._output(out), {"k": k_cache, "v": v_cache}
 
     def _retrieval_step(self, x, positions, cache, index):
-        if self.config.offload_cache:
-            return self._offloaded_retrieval_step(x, positions, cache, index)
         """Landmark decode with top-k block retrieval: the cache holds keys before RoPE (they are re-rotated at
         the positions retrieval gives them, `landmark.retrieval_attention`)."""
+        if self.config.offload_cache:
+            return self._offloaded_retrieval_step(x, positions, cache, index)
         q_raw, k, v = self._project(x, None)
         k_cache = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
         v_cache = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
@@ -436,7 +436,7 @@ class SelfAttention(nnx.Module):
         return self._output(out), {"k": k_cache, "v": v_cache}
 
     def _offloaded_retrieval_step(self, x, positions, cache, index):
-        """`_retrieval_step` with the host-offloaded cache (`offload_cache_layout`): the new keys and values are
+        """`_retrieval_step` with the host-offloaded cache (`landmark.offload`): the new keys and values are
         written in host memory, the selection reads the device's landmark keys, and only the blocks the chunk's
         queries retrieve (and their own blocks) are copied to the device (`landmark.fetch_blocks`)."""
         q_raw, k, v = self._project(x, None)

@@ -213,8 +213,8 @@ def retrieval_attention(
     than k). Fewer earlier blocks than `top_k`: all of them (clamped). Positions ("stingy"): the chosen blocks, in
     their original order, take the k block slots just before the query's own block, so no key sits farther back
     than k blocks. With `top_k` >= every block, the chosen blocks are all of them at their own positions and the
-    output is the training form's. The host-offloaded cache (`offloaded_retrieval`) runs the same selection and
-    `attend_blocks` on the blocks it fetched."""
+    output is the training form's. The host-offloaded cache runs the same selection and `attend_blocks` on the
+    blocks `fetch_blocks` copied to the device."""
     block = mem_freq + 1
     batch = q.shape[0]
     kc, vc = as_blocks(k_cache, block), as_blocks(v_cache, block)

@@ -15,6 +15,7 @@ from flax import nnx
 from lcjax import models
 from lcjax.config import from_dict
 from lcjax.errors import ConfigError
+from lcjax.layers import landmark_attention as la
 
 MODEL = {"name": "transformer", "vocab_size": 64, "d_model": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2}
 MODEL |= {"mlp_dim": 64}
@@ -125,16 +126,18 @@ def test_decode_with_top_k_over_every_block_equals_the_parallel_form_and_fewer_b
 
 @pytest.mark.parametrize("mode", ["per_token_and_head", "max_over_tokens"])
 def test_the_host_offloaded_cache_decodes_as_the_device_cache_and_keeps_only_landmark_keys_on_device(mode):
-    """22 tokens in ragged pieces (5, 1, 16) with k = 2 of 7 blocks: the offloaded cache (keys and values in
-    pinned_host memory, each layer fetching the blocks its queries chose) gives the device cache's logits, and the
-    device holds only the landmark keys (1/L of the keys)."""
-    tokens = jax.random.randint(jax.random.key(1), (2, 22), 0, 64)
+    """56 tokens (23 blocks of L = 4 slots) in ragged pieces (5, 1, 16), then token by token, with k = 2: the
+    offloaded cache (keys and values in pinned_host memory, each layer fetching the blocks its queries chose) gives
+    the device cache's logits, and the device holds only the landmark keys (1/L of the keys). Token by token each
+    call fetches fewer blocks than the cache holds, so the compacted block rows are what is read."""
+    length, pieces = 56, (5, 1, 16) + (1,) * 34
+    tokens = jax.random.randint(jax.random.key(1), (2, length), 0, 64)
 
     def decoded(offload):
         model = _model(retrieval_top_k=2, retrieval_mode=mode, offload_cache=offload)
         decode = nnx.jit(lambda model, tokens, cache: model.decode(tokens, cache))
-        cache, outs, start = model.init_cache(2, 22), [], 0
-        for n in (5, 1, 16):
+        cache, outs, start = model.init_cache(2, length), [], 0
+        for n in pieces:
             out, cache = decode(model, tokens[:, start : start + n], cache)
             outs.append(out)
             start += n
@@ -142,13 +145,15 @@ def test_the_host_offloaded_cache_decodes_as_the_device_cache_and_keeps_only_lan
 
     want, device_cache = decoded(False)
     got, host_cache = decoded(True)
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     layers = host_cache["layers"]
+    num_blocks = layers["k"].shape[2] // 4
+    # one token is a chunk of 2 slots: 2 * 4 heads * k (or 4 * k once per chunk) + own blocks < every block
+    assert la.fetch_budget(2, MODEL["num_heads"], 2, 4, num_blocks, mode) < num_blocks
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     assert layers["k"].sharding.memory_kind == layers["v"].sharding.memory_kind == "pinned_host"
     assert layers["lm"].sharding.memory_kind == "device"
     np.testing.assert_array_equal(layers["k"], device_cache["layers"]["k"])  # the same keys, in host memory
-    slots = layers["k"].shape[2]
-    assert layers["lm"].shape[2] * 4 == slots  # one landmark key per block of L = 4 slots
+    assert layers["lm"].shape[2] == num_blocks  # one landmark key per block
     np.testing.assert_array_equal(layers["lm"], device_cache["layers"]["k"][:, :, 3::4])
 
 
