@@ -97,14 +97,23 @@ def scan(a, b, h0=None, *, reverse: bool = False, impl: str = "associative"):
     raise ValueError(f"rglru scan impl {impl!r}; expected one of {SCANS}")
 
 
-def rglru_coefficients(x, gate_a, gate_x, a_param, resets=None):
+def reset_mask(resets, width: int, reset_width: int | None = None):
+    """[batch, time, width] bool: the document starts `resets` [batch, time] on the first `reset_width` channels
+    (all when None). A bidirectional layer resets its forward half only: the reverse half's decay at a document's
+    first token reads that document's second token (`bidirectional_scan` cuts it at the document's end instead)."""
+    channels = jnp.arange(width) < (width if reset_width is None else reset_width)
+    return resets[..., None] & channels
+
+
+def rglru_coefficients(x, gate_a, gate_x, a_param, resets=None, reset_width=None):
     """The RG-LRU's scan coefficients (a_t, b_t) for inputs x [batch, time, W], gate pre-activations gate_a, gate_x
-    (like x) and λ = a_param [W]; resets [batch, time] bool marks document starts (a = 0, multiplier 1)."""
+    (like x) and λ = a_param [W]; resets [batch, time] bool marks document starts (a = 0, multiplier 1) on the first
+    `reset_width` channels (`reset_mask`)."""
     log_a = -C * jax.nn.softplus(a_param) * jax.nn.sigmoid(gate_a)
     a = jnp.exp(log_a)
     multiplier = sqrt_bounded_derivative(1.0 - jnp.exp(2.0 * log_a))
     if resets is not None:
-        start = resets[..., None]
+        start = reset_mask(resets, x.shape[-1], reset_width)
         a = jnp.where(start, 0.0, a)
         multiplier = jnp.where(start, 1.0, multiplier)
     return a, multiplier * jax.nn.sigmoid(gate_x) * x
@@ -180,9 +189,9 @@ class RGLRU(nnx.Module):
         self.gate_x = BlockDiagonalLinear(width, num_blocks, rngs)
         self.a_param = param(rngs, (width,), (None,), a_param_init())
 
-    def coefficients(self, x, resets=None):
+    def coefficients(self, x, resets=None, reset_width=None):
         xf = x.astype(jnp.float32)
-        return rglru_coefficients(xf, self.gate_a(xf), self.gate_x(xf), self.a_param[...], resets)
+        return rglru_coefficients(xf, self.gate_a(xf), self.gate_x(xf), self.a_param[...], resets, reset_width)
 
     def __call__(self, x, h0=None, resets=None, *, reverse: bool = False):
         a, b = self.coefficients(x, resets)
@@ -196,14 +205,16 @@ def bidirectional_scan(a, b, resets=None, causal=None, h0=None, *, impl: str = "
     The first W/2 channels scan left to right over the whole sequence, from h0 [batch, W/2], with decay 0 at a
     start in `resets`. The last W/2 scan right to left and read the prefix only: their decay is 0 wherever `causal`
     [batch, time] (the causal suffix, where the reverse half is then b_t alone, so nothing flows back from later
-    tokens) and at the token before a document start (no flow across packed samples). Returns (h [batch, time, W],
+    tokens) and at the token before a document start (no flow across packed samples), so the reverse half of `a`
+    must not be reset at a document's first token (`reset_mask` with reset_width W/2). Returns (h [batch, time, W],
     the forward half's last state)."""
     half = a.shape[-1] // 2
     if a.shape[-1] % 2:
         raise ValueError(f"bidirectional_scan: width {a.shape[-1]} must be even (the state is split in half)")
+    a_fwd = a[..., :half]
     if resets is not None:  # a sample start carries nothing in (the coefficients may already say so)
-        a = jnp.where(resets[..., None], 0.0, a)
-    forward, last = scan(a[..., :half], b[..., :half], h0, impl=impl)
+        a_fwd = jnp.where(resets[..., None], 0.0, a_fwd)
+    forward, last = scan(a_fwd, b[..., :half], h0, impl=impl)
     a_rev = a[..., half:]
     if causal is not None:
         a_rev = jnp.where(causal[..., None], 0.0, a_rev)
@@ -232,7 +243,7 @@ class GatedSSM(nnx.Module):
         i, z, o, f = (proj[:, :, g] for g in range(4))
         f = jax.nn.sigmoid(f + self.b_f[...])
         if resets is not None:
-            f = jnp.where(resets[..., None], 0.0, f)
+            f = jnp.where(reset_mask(resets, f.shape[-1], f.shape[-1] // 2 if self.bidirectional else None), 0.0, f)
         return f, jax.nn.sigmoid(i) * z, jax.nn.gelu(o)
 
     def __call__(self, x, h0=None, resets=None, causal=None):

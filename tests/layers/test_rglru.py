@@ -80,7 +80,9 @@ def test_bidirectional_scan_suffix_is_causal_prefix_is_two_way_and_samples_are_i
     keys = jax.random.split(jax.random.key(2), 2)
     a = jax.random.uniform(keys[0], (1, T, W), jnp.float64, 0.2, 0.9)
     b = jax.random.normal(keys[1], (1, T, W), jnp.float64)
-    resets = jnp.zeros((1, T), bool).at[:, 7].set(True)
+    resets = (
+        jnp.zeros((1, T), bool).at[:, 0].set(True).at[:, 7].set(True)
+    )  # sample starts: the reverse half still reads on
     causal = jnp.zeros((1, T), bool).at[:, 4:7].set(True).at[:, 9:].set(True)
     half = W // 2
     h, last = rglru.bidirectional_scan(a, b, resets, causal)

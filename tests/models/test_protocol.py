@@ -75,6 +75,12 @@ SPECS = {
         perturb=0.3,
         tensor_param=("layers", "blocks", "mixer", "w_x"),
     ),
+    # Hawk: one (bidirectional, causal) pair of layers; gates perturbed so the decays are not all alike
+    "birdie": Spec(
+        {"vocab_size": 64, "d_model": 32, "num_layers": 2, "num_gate_blocks": 2},
+        perturb=0.1,
+        tensor_param=("layers", "blocks", "causal", "w_x"),
+    ),
 }
 SPECS["hmt"] = Spec(  # three segments of 4 tokens with 2 sensory ones around the transformer; the cache evicts
     {"backbone": {"name": "transformer", **SPECS["transformer"].model}, "segment_len": 4, "sensory_tokens": 2}
