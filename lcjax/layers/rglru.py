@@ -140,13 +140,9 @@ def rglru_reference_float64(x, gate_a, gate_x, a_param, resets=None, h0=None):
     return out, h
 
 
-def segment_resets(segment_ids: jax.Array | None, positions: jax.Array | None = None) -> jax.Array | None:
-    """Document starts [batch, time] bool from the batch schema: where the segment id changes from the previous token
-    (the first token of a call continues the carried state), or where `positions` is 0 when given."""
-    if positions is not None:
-        return positions == 0
-    if segment_ids is None:
-        return None
+def segment_resets(segment_ids: jax.Array) -> jax.Array:
+    """[batch, time] bool: where the segment id differs from the previous token's (the first token of a call
+    continues the carried state)."""
     previous = jnp.concatenate([segment_ids[:, :1], segment_ids[:, :-1]], axis=1)
     return segment_ids != previous
 

@@ -65,11 +65,9 @@ class BirdieConfig(ModelConfig):
             raise ConfigError("model.mixer", f"={self.mixer!r}; expected one of {list(MIXERS)}")
         if self.scan_impl not in rglru.SCANS:
             raise ConfigError("model.scan_impl", f"={self.scan_impl!r}; expected one of {list(rglru.SCANS)}")
-        for name in ("lru_width", "num_gate_blocks", "d_conv", "mlp_expansion"):
-            if getattr(self, name) < (0 if name == "lru_width" else 1):
-                raise ConfigError(
-                    f"model.{name}", f"must be >= {0 if name == 'lru_width' else 1}, got {getattr(self, name)}"
-                )
+        for name, least in (("lru_width", 0), ("num_gate_blocks", 1), ("d_conv", 1), ("mlp_expansion", 1)):
+            if getattr(self, name) < least:
+                raise ConfigError(f"model.{name}", f"must be >= {least}, got {getattr(self, name)}")
         if self.width % self.num_gate_blocks:
             raise ConfigError(
                 "model.num_gate_blocks", f"={self.num_gate_blocks} must divide the RG-LRU width {self.width}"
@@ -177,7 +175,7 @@ class Unit(nnx.Module):
 
     def __call__(self, x, cache, *, positions, segment_ids=None, index=None, prefix_mask=None):
         del index
-        resets = rglru.segment_resets(segment_ids, positions)
+        resets = positions == 0  # a row's and a document's first token
         if segment_ids is not None:
             resets = resets | rglru.segment_resets(segment_ids)
         causal = jnp.ones(x.shape[:2], bool) if prefix_mask is None else prefix_mask == 0

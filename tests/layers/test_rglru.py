@@ -123,26 +123,26 @@ def test_with_an_all_causal_mask_the_forward_half_is_the_causal_scan(x64):
     np.testing.assert_allclose(h[..., W // 2 :], b[..., W // 2 :], atol=0)
 
 
+def _assert_streams(layer, x, split):
+    """Two calls, the second from the first's last state, == one call: outputs and last state."""
+    full, last = layer(x)
+    first, h = layer(x[:, :split])
+    rest, last2 = layer(x[:, split:], h)
+    np.testing.assert_allclose(jnp.concatenate([first, rest], 1), full, atol=1e-6)
+    np.testing.assert_allclose(last2, last, atol=1e-6)
+
+
 def test_the_rglru_module_streams_and_its_init_spans_the_decay_ring():
     layer = rglru.RGLRU(8, 2, nnx.Rngs(0))
     a_base = jax.nn.sigmoid(-layer.a_param[...])  # the base decay, squared uniform in [0.9², 0.999²]
     assert float(a_base.min()) >= 0.9 - 1e-6 and float(a_base.max()) <= 0.999 + 1e-6
-    x = jax.random.normal(jax.random.key(4), (2, 10, 8))
-    full, last = layer(x)
-    first, h = layer(x[:, :4])
-    rest, last2 = layer(x[:, 4:], h)
-    np.testing.assert_allclose(jnp.concatenate([first, rest], 1), full, atol=1e-6)
-    np.testing.assert_allclose(last2, last, atol=1e-6)
+    _assert_streams(layer, jax.random.normal(jax.random.key(4), (2, 10, 8)), 4)
 
 
 def test_gated_ssm_streams_and_its_bidirectional_form_keeps_the_suffix_causal():
     model = rglru.GatedSSM(8, 6, nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(5), (2, 10, 8))
-    full, last = model(x)
-    first, h = model(x[:, :3])
-    rest, last2 = model(x[:, 3:], h)
-    np.testing.assert_allclose(jnp.concatenate([first, rest], 1), full, atol=1e-6)
-    np.testing.assert_allclose(last2, last, atol=1e-6)
+    _assert_streams(model, x, 3)
     bidir = rglru.GatedSSM(8, 6, nnx.Rngs(0), bidirectional=True)
     causal = jnp.zeros((2, 10), bool).at[:, 4:].set(True)
     y = bidir(x, causal=causal)[0]
