@@ -178,6 +178,7 @@ def score_grid(
                 task=_with_value(config.task, task, value),
             )
             row = {"seq_len": seq_len, SWEEP_PARAMETER[task]: value, "step": step}
+            began = time.perf_counter()
             try:
                 point = run_lib.Run(point_config, run.trainer, run.tokenizer)
                 examples = run_lib.task_examples(point, task, "eval", jrt_prompt=config.eval.jrt_prompt)
@@ -199,6 +200,12 @@ def score_grid(
                     eval_step, params, batches, run.trainer.device_batch, tokens_are_bytes=False, task=True
                 )
             rows.append({**row, **metrics})
+            # a grid point can take many minutes (a dense decode at 32k is quadratic): show each one as it lands
+            print(
+                f"  scored L={seq_len} {SWEEP_PARAMETER[task]}={value:g}: "
+                f"{100 * metrics.get('answer_accuracy', float('nan')):.1f}% in {time.perf_counter() - began:.0f} s",
+                flush=True,
+            )
     return rows
 
 

@@ -14,8 +14,9 @@ a_t → 1.
 
 Scans of h_t = a_t h_(t−1) + b_t over time (axis 1 of [batch, time, ...]): `linear_scan` (a `lax.scan`, the reference),
 `associative_scan` (`lax.associative_scan` on (a, b) pairs: log-depth), each with an initial state and `reverse=True`
-for right-to-left (h_t = a_t h_(t+1) + b_t, Birdie's reverse half). The Pallas sequential-in-VMEM scan for TPU is
-`kernels_pallas.rglru_scan` (to come); `scan(..., impl=)` picks one.
+for right-to-left (h_t = a_t h_(t+1) + b_t, Birdie's reverse half), and `pallas_scan`, the sequential-in-VMEM scan
+of `kernels_pallas.rglru_scan` for TPU (run per shard of the mesh's batch and width axes; interpret mode on CPU, the
+reference `lax.scan` on GPU). `scan(..., impl=)` picks one.
 
 Gated SSM (Birdie §3.4), a fused SSM + MLP mixer with input-only gates:
 
@@ -30,11 +31,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels_pallas import common, rglru_scan
 from lcjax.layers.params import normal, param, zeros
+from lcjax.parallel.sharding import logical_to_spec, per_shard
 
 C = 8.0  # the RG-LRU's decay sharpness c
 MAX_SQRT_GRADIENT = 1000.0  # the clipped √ derivative: the argument is clamped at >= 1 / (4 · 1000²) backwards
-SCANS = ("linear", "associative")
+SCANS = ("auto", "linear", "associative", "pallas")  # auto: the kernel on TPU, associative elsewhere
 
 
 @jax.custom_vjp
@@ -88,12 +91,33 @@ def associative_scan(a, b, h0=None, *, reverse: bool = False):
     return h, (h[:, 0] if reverse else h[:, -1])
 
 
+def pallas_scan(a, b, h0=None, *, reverse: bool = False):
+    """`linear_scan` by the Pallas kernel (`kernels_pallas.rglru_scan`), once per device shard of the batch and, where
+    the mesh's tensor axes divide it, the width (the scan never mixes rows or channels; time is gathered whole)."""
+    if h0 is None:
+        h0 = jnp.zeros((b.shape[0], *b.shape[2:]), jnp.float32)
+    mesh = jax.sharding.get_abstract_mesh()
+    width = None
+    if not mesh.empty:
+        split = logical_to_spec(("mlp",), mesh.axis_names)[0] or ()
+        split = (split,) if isinstance(split, str) else split
+        width = "mlp" if b.shape[-1] % math.prod(mesh.shape[n] for n in split) == 0 else None
+    run = lambda a, b, h0: rglru_scan.rglru_scan(a, b, h0, reverse=reverse, impl="pallas")
+    tiles, states = ("batch", None, width), ("batch", width)
+    return per_shard(run, (a, b, h0), (tiles, tiles, states), (tiles, states))
+
+
 def scan(a, b, h0=None, *, reverse: bool = False, impl: str = "associative"):
-    """The diagonal scan with `impl` in SCANS (the reference `linear`, or `associative`)."""
+    """The diagonal scan with `impl` in SCANS (the reference `linear`, `associative`, the kernel `pallas`, or `auto`:
+    the kernel when tracing for TPU, `associative` elsewhere)."""
+    if impl == "auto":
+        impl = "pallas" if common.backend() == "tpu" else "associative"
     if impl == "linear":
         return linear_scan(a, b, h0, reverse=reverse)
     if impl == "associative":
         return associative_scan(a, b, h0, reverse=reverse)
+    if impl == "pallas":
+        return pallas_scan(a, b, h0, reverse=reverse)
     raise ValueError(f"rglru scan impl {impl!r}; expected one of {SCANS}")
 
 

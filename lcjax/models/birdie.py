@@ -52,7 +52,7 @@ class BirdieConfig(ModelConfig):
     d_conv: int = 4
     mlp_expansion: int = 3
     bidirectional: bool = True  # layers alternate (bidirectional, causal); False: every layer causal
-    scan_impl: str = "associative"  # linear | associative
+    scan_impl: str = "auto"  # auto (the Pallas kernel on TPU, associative elsewhere) | linear | associative | pallas
     init_std: float = 0.02
 
     @property

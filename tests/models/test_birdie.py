@@ -60,7 +60,7 @@ def test_bad_birdie_configs_name_their_field():
         ({"mixer": "lstm"}, "model.mixer"),
         ({"num_layers": 3}, "model.num_layers"),
         ({"num_gate_blocks": 5}, "model.num_gate_blocks"),
-        ({"scan_impl": "pallas"}, "model.scan_impl"),
+        ({"scan_impl": "fast"}, "model.scan_impl"),
     ):
         with pytest.raises(ConfigError, match=field):
             from_dict({"model": MODEL | model}).validate(device_count=8)
