@@ -14,7 +14,7 @@ import types
 import typing
 from typing import Any
 
-from lcjax.data import synthetic
+from lcjax.data import birdie_objectives, synthetic
 from lcjax.data.tokenizers import ByteTokenizer
 from lcjax.errors import ConfigError
 from lcjax.layers.attention import AttentionConfig
@@ -137,6 +137,43 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ObjectivesConfig:
+    """Birdie's objective mixture over a text source (`lcjax.data.birdie_objectives`) and its reward-driven controller
+    (`lcjax.train.birdie_controller`). `mixture=""` trains on plain next-token rows."""
+
+    mixture: str = ""  # "birdie" (the paper's 96 arms), "birdie-small" (8), "ul2", or "name[:weight],..."
+    length_scale: float = 1.0  # multiplies every arm's length range (the paper's are for 2048-token rows)
+    controller: bool = False  # the reward-driven controller updates the mixture (else it stays fixed)
+    reward: str = "code"  # code: positive when a loss falls (the Birdie code) | paper: the paper's printed sign
+    reward_model: str = "gated_ssm"  # gated_ssm: the paper's (a Gated SSM over the history) | mlp: the code's agent
+    reward_model_width: int = 256
+    reward_model_layers: int = 4
+    reward_model_steps: int = 200  # training steps of the reward model at each evaluation
+    reward_model_lr: float = 5e-4
+    num_candidates: int = 2048  # random mixtures scored per update
+    top_k: int = 8  # the best candidates averaged into the next mixture
+    schedule_scale: float = 1.0  # multiplies the paper's evaluation steps (10, 50, 250, 500, 1000, 1500, 2000, +1000)
+    eval_batches: int = 1  # held-out batches (of eval.batch_size rows) per arm for its validation loss
+
+    def validate(self) -> None:
+        if self.mixture:
+            birdie_objectives.parse_mixture(self.mixture)
+        elif self.controller:
+            raise ConfigError("objectives.controller", "needs a mixture to control (objectives.mixture is empty)")
+        _positive("objectives.length_scale", self.length_scale)
+        _positive("objectives.schedule_scale", self.schedule_scale)
+        for name in ("reward_model_width", "reward_model_layers", "reward_model_steps", "num_candidates", "top_k"):
+            _positive(f"objectives.{name}", getattr(self, name))
+        _positive("objectives.eval_batches", self.eval_batches)
+        _positive("objectives.reward_model_lr", self.reward_model_lr)
+        if self.top_k > self.num_candidates:
+            raise ConfigError("objectives.top_k", f"={self.top_k} exceeds num_candidates={self.num_candidates}")
+        for name, allowed in (("reward", ("code", "paper")), ("reward_model", ("gated_ssm", "mlp"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"objectives.{name}", f"={getattr(self, name)!r}; expected one of {list(allowed)}")
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     data: int = -1
     fsdp: int = 1
@@ -199,13 +236,14 @@ class Config:
     data: DataConfig = DataConfig()
     eval: EvalConfig = EvalConfig()
     task: TaskConfig = TaskConfig()
+    objectives: ObjectivesConfig = ObjectivesConfig()
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     generate: GenerateConfig = GenerateConfig()
 
     def validate(self, device_count: int) -> Config:
         """Checks every cross-field rule; raises ConfigError naming the field. Returns self for chaining."""
-        for section in (self.train, self.data, self.eval, self.task, self.checkpoint, self.generate):
+        for section in (self.train, self.data, self.eval, self.task, self.objectives, self.checkpoint, self.generate):
             section.validate()
         self.mesh.validate(device_count)
         mesh = self.mesh.shape(device_count)
@@ -233,7 +271,23 @@ class Config:
         longest = self.train.seq_len * (2 if self.eval.jrt_prompt else 1)  # JRT-Prompt repeats the context
         self.model.validate(mesh=mesh, seq_len=self.train.seq_len, max_len=longest)
         self._validate_tasks()
+        self._validate_objectives()
         return self
+
+    def _validate_objectives(self) -> None:
+        """A mixture needs a text source, and every arm's shortest sample must fit a row (checked with the byte
+        tokenizer's markers here; another tokenizer's when it loads)."""
+        if not self.objectives.mixture:
+            return
+        if self.data.source in TASK_NAMES:
+            raise ConfigError(
+                "objectives.mixture",
+                f"builds samples from a text source, not the task data.source={self.data.source!r}",
+            )
+        if self.data.tokenizer == "bytes":
+            arms, _ = birdie_objectives.parse_mixture(self.objectives.mixture)
+            markers = birdie_objectives.Markers.encode(ByteTokenizer())
+            birdie_objectives.check_arms_fit(arms, markers, self.train.seq_len, self.objectives.length_scale, None)
 
     def _validate_tasks(self) -> None:
         """Builds each configured task once so a bad task parameter fails here, naming its flag. Text tasks
@@ -334,6 +388,7 @@ SECTIONS = {
     "data": DataConfig,
     "eval": EvalConfig,
     "task": TaskConfig,
+    "objectives": ObjectivesConfig,
     "mesh": MeshConfig,
     "checkpoint": CheckpointConfig,
     "generate": GenerateConfig,

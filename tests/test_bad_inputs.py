@@ -107,6 +107,16 @@ CASES = {
     ),
     "negative sparse logits": (["--config.train.sparse_logits=-1"], "train.sparse_logits: must be >= 0"),
     "passkey longer than seq_len": (["--config.eval.tasks=passkey"], "train.seq_len=32 leaves no room"),
+    "unknown objective": (["--config.objectives.mixture=copying,lstm"], "objectives.mixture: unknown objective 'lstm'"),
+    "objective weights summing to zero": (
+        ["--config.objectives.mixture=copying:0,infilling:0"],
+        "objectives.mixture: the weights [0.0, 0.0] sum to 0",
+    ),
+    "objective prefix longer than the row": (
+        ["--config.objectives.mixture=next_token,copying"],
+        "objective copying(len=64-256) needs at least 151 tokens (its prefix and markers included), longer than a "
+        "row of train.seq_len=32",
+    ),
     "unwritable workdir": (["--workdir={base}/a_file/run"], "workdir: cannot write"),
     "init_from missing": (["--init_from={base}/nowhere"], "init_from"),
     "checkpoint of another shape": (

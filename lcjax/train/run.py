@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from lcjax.config import Config
-from lcjax.data import pipeline, sources, synthetic
+from lcjax.data import birdie_objectives, pipeline, sources, synthetic
 from lcjax.data.tokenizers import Tokenizer, load_tokenizer
 from lcjax.errors import ConfigError
 from lcjax.eval.perplexity import evaluate
@@ -27,6 +27,16 @@ class Run:
     config: Config
     trainer: Trainer
     tokenizer: Tokenizer
+    objectives: Any = None  # `Objectives` of a run with `objectives.mixture` (set by `load_train_batches`)
+
+
+@dataclasses.dataclass
+class Objectives:
+    """A mixture run's sample maker and the mixture in force at each step (what the controller updates)."""
+
+    rows: birdie_objectives.ObjectiveRows
+    schedule: birdie_objectives.MixtureSchedule
+    eval_stream: Any  # the validation token stream, for the per-arm held-out rows
 
 
 def _uses_text(config: Config) -> bool:
@@ -132,6 +142,17 @@ def load_train_batches(run: Run):
         )
         return _with_model_loss_mask(batches, cfg.model), None
     stream = load_split(run, "train")
+    if cfg.objectives.mixture:
+        arms, weights = birdie_objectives.parse_mixture(cfg.objectives.mixture)
+        markers = birdie_objectives.Markers.encode(run.tokenizer)
+        rows = birdie_objectives.ObjectiveRows(
+            stream, arms, markers, seq_len=cfg.train.seq_len, length_scale=cfg.objectives.length_scale
+        )
+        run.objectives = Objectives(rows, birdie_objectives.MixtureSchedule(weights), load_split(run, "eval"))
+        batches = birdie_objectives.train_batches(
+            rows, run.objectives.schedule, global_batch=cfg.train.batch_size, seed=cfg.train.seed, **shard
+        )
+        return _with_model_loss_mask(batches, cfg.model), stream.num_tokens
     batches = pipeline.train_batches(
         stream, seq_len=cfg.train.seq_len, global_batch=cfg.train.batch_size, seed=cfg.train.seed, **shard
     )
