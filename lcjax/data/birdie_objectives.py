@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -106,6 +107,11 @@ class Arm:
         if self.family == "prefix_lm":
             fields.append(f"prefix={self.prefix_fraction:g}")
         return f"{self.family}({','.join(fields)})" if fields else self.family
+
+    @property
+    def key(self) -> str:
+        """The name as a metric tag (TensorBoard takes [A-Za-z0-9_.-/]): infilling/len=128-256/... -> underscores."""
+        return re.sub(r"[^A-Za-z0-9_.\-]+", "_", self.name).strip("_")
 
 
 def paper_arms() -> list[Arm]:

@@ -14,10 +14,11 @@ import numpy as np
 from absl import logging
 
 from lcjax.config import Config
-from lcjax.data import pipeline, sources
+from lcjax.data import birdie_objectives, pipeline, sources
 from lcjax.errors import ConfigError
-from lcjax.eval.perplexity import unigram_entropy_bits
+from lcjax.eval.perplexity import evaluate, unigram_entropy_bits
 from lcjax.parallel import distributed
+from lcjax.train import birdie_controller
 from lcjax.train.checkpoint import Checkpointer
 from lcjax.train.metrics import MetricWriter, Progress, summarize
 from lcjax.train.preemption import PreemptionWatcher
@@ -34,13 +35,44 @@ from lcjax.train.run import (
 from lcjax.train.step import check_sparse_logits
 
 
-def _meta(run: Run, step: int) -> dict[str, Any]:
-    """Checkpoint metadata. The data pipeline is a pure function of (seed, step): that pair is its state."""
-    return {
+def _meta(run: Run, step: int, controller=None) -> dict[str, Any]:
+    """Checkpoint metadata. The data pipeline is a pure function of (seed, step) and, for an objective mixture
+    under Birdie's controller, of the mixture schedule: the controller's state (which holds it) is saved too."""
+    meta = {
         **expected_meta(run),
         "config": run.config.to_dict(),
         "data": {"seed": run.config.train.seed, "step": step},
     }
+    if controller is not None:
+        meta["birdie_controller"] = controller.state()
+    return meta
+
+
+def _controller(run: Run, restored_meta: dict[str, Any]):
+    """Birdie's controller and each arm's held-out batches, for a run with `objectives.controller` (else None)."""
+    cfg = run.config
+    if run.objectives is None or not cfg.objectives.controller:
+        return None, []
+    rows = run.objectives.rows
+    controller = birdie_controller.Controller(
+        cfg.objectives, rows.arms, run.objectives.schedule, seed=cfg.train.seed, total_steps=cfg.train.steps
+    )
+    if "birdie_controller" in restored_meta:
+        controller.load(restored_meta["birdie_controller"])
+    held_rows = birdie_objectives.ObjectiveRows(
+        run.objectives.eval_stream, rows.arms, rows.markers, seq_len=rows.seq_len, length_scale=rows.length_scale
+    )
+    shard = (jax.process_index(), jax.process_count())
+    seed = cfg.train.seed + birdie_controller.HELD_OUT_SEED
+    size = {"batch_size": cfg.eval.batch_size, "num_batches": cfg.objectives.eval_batches, "seed": seed}
+    held = [birdie_controller.held_out_batches(held_rows, i, shard=shard, **size) for i in range(len(rows.arms))]
+    logging.info(
+        "Birdie controller: %d arms, evaluations at steps %s, the reward model takes over at %d",
+        len(rows.arms),
+        controller.steps,
+        controller.takeover,
+    )
+    return controller, held
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -53,8 +85,9 @@ def prepare_workdir(workdir: str) -> None:
         raise ConfigError("workdir", f"cannot write to {workdir!r}: {e.strerror}") from None
 
 
-def _initial_state(run: Run, workdir: str, init_from: str) -> tuple[dict[str, Any], Checkpointer]:
+def _initial_state(run: Run, workdir: str, init_from: str) -> tuple[dict[str, Any], Checkpointer, dict[str, Any]]:
     """Resumes from the workdir's latest valid checkpoint; else fresh state, with params from `init_from` if given.
+    Returns (state, checkpointer, the restored checkpoint's metadata or {}).
 
     Everything that can fail happens before the workdir is created or written.
     """
@@ -73,7 +106,7 @@ def _initial_state(run: Run, workdir: str, init_from: str) -> tuple[dict[str, An
                 )
             prepare_workdir(workdir)  # fail now, not at the next save, if it became read-only
             logging.info("resumed from %s at step %d", checkpointer.directory, step)
-            return state, checkpointer
+            return state, checkpointer, meta
         checkpointer.close()
     params = None
     if init_from:
@@ -88,7 +121,7 @@ def _initial_state(run: Run, workdir: str, init_from: str) -> tuple[dict[str, An
     state = trainer.init_state(cfg.train.seed)
     if params is not None:
         state["params"] = params
-    return state, Checkpointer.for_workdir(workdir, **options)
+    return state, Checkpointer.for_workdir(workdir, **options), {}
 
 
 def _checkpoint_dir(path: str) -> str:
@@ -113,7 +146,7 @@ def train(config: Config, workdir: str, *, init_from: str = "") -> dict[str, flo
     eval_sets = load_eval_sets(run)
     if cfg.train.sparse_logits:  # the first batch, before anything is written; every step checks its own
         check_sparse_logits(batches[0], cfg.train.sparse_logits)
-    state, checkpointer = _initial_state(run, workdir, init_from)
+    state, checkpointer, restored_meta = _initial_state(run, workdir, init_from)
     if jax.process_index() == 0:  # only once the checkpoint (if any) was accepted
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(cfg.to_json())
@@ -129,6 +162,7 @@ def train(config: Config, workdir: str, *, init_from: str = "") -> dict[str, flo
         list(cfg.eval.task_list) or "none",
     )
 
+    controller, held_out = _controller(run, restored_meta)
     data_iter = pipeline.iterate_from(batches, start_step, cfg.data.num_threads)
     train_step = trainer.jit_train_step()
     eval_fns = eval_steps(run, state["params"], eval_sets)
@@ -178,9 +212,19 @@ def train(config: Config, workdir: str, *, init_from: str = "") -> dict[str, flo
                 writer.write(done, "train", values)
             if (done % cfg.train.eval_every == 0 or last) and not stopping:
                 result = run_eval(done)
+            if controller is not None and controller.due(done):  # also when stopping: the checkpoint must hold it
+                started = time.perf_counter()
+                losses = [
+                    evaluate(eval_fns["eval"], state["params"], b, trainer.device_batch, tokens_are_bytes=False)["loss"]
+                    for b in held_out
+                ]
+                writer.write(done, "birdie", controller.update(done, np.asarray(losses)))
+                # batches from `done` on follow the new mixture: drop what was prefetched under the old one
+                data_iter = pipeline.iterate_from(batches, done, cfg.data.num_threads)
+                progress.pause(time.perf_counter() - started)
             if done % cfg.checkpoint.every == 0 or last or stopping:
                 started = time.perf_counter()
-                checkpointer.save(done, state, _meta(run, done))
+                checkpointer.save(done, state, _meta(run, done, controller))
                 progress.pause(time.perf_counter() - started)
             if stopping:
                 checkpointer.close()
