@@ -105,6 +105,9 @@ class TaskConfig:
     # question; MQAR's keys and values...), the answer's targets keeping weight 1. 0: the answer alone. Evaluation
     # always scores the answer alone.
     context_loss: float = 0.0
+    # 1 over each example's prompt (everything before the answer) in `prefix_mask`, which Birdie's and JRT's layers
+    # read bidirectionally (others ignore it)
+    prefix_mask: bool = False
 
     def validate(self) -> None:
         _positive("task.num_train_examples", self.num_train_examples)

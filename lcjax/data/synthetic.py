@@ -393,7 +393,26 @@ def make_task(name: str, task_config, *, tokenizer: Tokenizer, vocab_size: int, 
                              num_examples=num_examples, seed=seed)  # fmt: skip
     else:
         raise ConfigError("eval.tasks", f"unknown task {name!r}; expected one of {TASKS}")
-    return JRTPrompt(task) if jrt_prompt else task
+    task = JRTPrompt(task) if jrt_prompt else task
+    return PromptPrefix(task) if t.prefix_mask else task
+
+
+class PromptPrefix:
+    """Any task with `prefix_mask` 1 over the prompt: every content input before the one that predicts the first
+    answer token (that last prompt token stays causal, as Birdie's start-generating token does). Birdie's and JRT's
+    layers read the prompt bidirectionally; other models ignore the field (`task.prefix_mask`)."""
+
+    def __init__(self, task):
+        self.task, self.seq_len = task, task.seq_len
+
+    def __len__(self) -> int:
+        return len(self.task)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        ex = dict(self.task[index])
+        answer = int(np.argmax(ex["loss_mask"] > 0)) if np.any(ex["loss_mask"] > 0) else len(ex["loss_mask"])
+        ex["prefix_mask"] = ((np.arange(len(ex["loss_mask"])) < answer) & (ex["segment_ids"] > 0)).astype(np.int32)
+        return ex
 
 
 class ContextLoss:

@@ -260,3 +260,24 @@ def test_random_depth_draws_each_needle_depth_and_trains_only():
             {"model": {"name": "transformer"}, "data": {"source": "mqar"}, "task": {"random_depth": True}}
         ).validate(device_count=1)
     assert e.value.field == "task.random_depth"
+
+
+def test_prompt_prefix_covers_the_prompt_and_stops_before_the_answer():
+    """task.prefix_mask: 1 on the question and the book, 0 on padding, on the last prompt token (the input that
+    predicts the answer's first token, causal like Birdie's start token) and on the answer."""
+    from lcjax.config import TaskConfig
+
+    tok = ByteTokenizer()
+    config = TaskConfig(num_entries=4, num_queries=2, prefix_mask=True)
+    task = make_task("phonebook", config, tokenizer=tok, vocab_size=256, seq_len=384, num_examples=2, seed=0)
+    ex = task[1]
+    first_answer = int(np.argmax(ex["loss_mask"] > 0))
+    prefix = ex["prefix_mask"].astype(bool)
+    assert prefix.sum() > 0 and np.array_equal(prefix, (np.arange(384) < first_answer) & (ex["segment_ids"] > 0))
+    assert tok.decode(ex["inputs"][prefix].tolist()).startswith("What are the numbers of ")
+    assert tok.decode([int(ex["inputs"][first_answer])]) == "\n"
+    plain = make_task(
+        "phonebook", TaskConfig(num_entries=4, num_queries=2), tokenizer=tok, vocab_size=256, seq_len=384,
+        num_examples=2, seed=0,
+    )  # fmt: skip
+    assert "prefix_mask" not in plain[1] and np.array_equal(plain[1]["inputs"], ex["inputs"])
