@@ -29,10 +29,11 @@ def _loop64(a, b, h0, reverse):
     return out, h
 
 
-@pytest.mark.parametrize("reverse", [False, True])
-def test_interpret_kernel_equals_reference_and_float64_loop_forward_and_gradients(reverse):
-    """Time 21 in tiles of 8 (3 tiles, the last padded) and width 130 in tiles of 128 (2, the last padded)."""
-    a, b, h0 = _inputs()
+@pytest.mark.parametrize("reverse,time", [(False, 21), (True, 21), (True, 24)])
+def test_interpret_kernel_equals_reference_and_float64_loop_forward_and_gradients(reverse, time):
+    """Time 21 in tiles of 8 (3 tiles, the last padded) and width 130 in tiles of 128 (2, the last padded); a reverse
+    scan over time 24 too, where no padding step stands between h0 and the last real step (dh0 = a_(T−1) δ_(T−1))."""
+    a, b, h0 = _inputs(time=time)
     run = lambda impl: lambda a, b, h0: kernel.rglru_scan(a, b, h0, reverse=reverse, impl=impl, block_t=8, block_w=128)
     got, want = run("interpret")(a, b, h0), run("reference")(a, b, h0)
     loop = _loop64(a, b, h0, reverse)
