@@ -46,6 +46,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from lcjax.data.batch import device_fields
 from lcjax.errors import ConfigError
 
 FAMILIES = (
@@ -496,6 +497,11 @@ def train_batches(
         weights = schedule.at(step)
         rng = lambda j: np.random.default_rng((seed, step, j))
         mine = [rows.row(rng(j), weights) for j in range(process_index, global_batch, process_count)][:local]
-        return {k: np.stack([r[k] for r in mine]) for k in mine[0] if k != "arm_counts"}
+        return stack_rows(mine)
 
     return grain.MapDataset.range(1).repeat().map_with_index(batch)
+
+
+def stack_rows(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """A batch of rows: their device fields stacked (the host-only `arm_counts` dropped)."""
+    return device_fields({k: np.stack([r[k] for r in rows]) for k in rows[0]})

@@ -226,5 +226,5 @@ def held_out_batches(rows: bo.ObjectiveRows, arm: int, *, batch_size: int, num_b
     batches = []
     for b in range(num_batches):
         mine = made[b * batch_size : (b + 1) * batch_size][p::count]
-        batches.append({k: np.stack([r[k] for r in mine]) for k in mine[0] if k != "arm_counts"})
+        batches.append(bo.stack_rows(mine))
     return batches
