@@ -223,8 +223,17 @@ class GenerateConfig:
     temperature: float = 0.8  # 0 means greedy
     top_p: float = 0.95
     seed: int = 0
+    # "": continue the prompt causally. An objective family (birdie_objectives.PARADIGMS, e.g. "prefix_lm"): lay the
+    # prompt out as that objective's training sample, [paradigm] prompt [start], the head read bidirectionally by a
+    # model with a bidirectional prefix (Birdie's `prefill`), then generate causally.
+    paradigm: str = ""
 
     def validate(self) -> None:
+        if self.paradigm and self.paradigm not in birdie_objectives.PARADIGMS:
+            raise ConfigError(
+                "generate.paradigm",
+                f"must be '' or one of {sorted(birdie_objectives.PARADIGMS)}, got {self.paradigm!r}",
+            )
         _positive("generate.max_new_tokens", self.max_new_tokens)
         if self.temperature < 0:
             raise ConfigError("generate.temperature", f"must be >= 0, got {self.temperature}")

@@ -127,6 +127,11 @@ CASES = {
         ["--workdir={base}/trained", "--mode=eval", "--config.eval.stream_tokens=100000000"],
         "eval.stream_tokens=100000000 needs 100000001 validation tokens",
     ),
+    "generate paradigm of a causal model": (
+        ["--workdir={base}/trained", "--mode=generate", "--prompt=Hi", "--config.generate.paradigm=prefix_lm"],
+        "generate.paradigm: needs a model that reads a bidirectional prefix (birdie)",
+    ),
+    "unknown generate paradigm": (["--config.generate.paradigm=chat"], "generate.paradigm: must be '' or one of"),
     "checkpoint with another width": (["--workdir={base}/trained", "--config.model.d_model=64"], "in the checkpoint"),
 }
 

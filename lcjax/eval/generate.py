@@ -28,7 +28,7 @@ def sample_token(logits: jax.Array, key: jax.Array, *, temperature: float, top_p
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p", "prefix_len"))
 def generate(
     graphdef: Any,
     params: Any,
@@ -38,12 +38,17 @@ def generate(
     max_new_tokens: int,
     temperature: float,
     top_p: float,
+    prefix_len: int | None = None,
 ) -> jax.Array:
-    """prompt [B, P] int32 -> new tokens [B, max_new_tokens]."""
+    """prompt [B, P] int32 -> new tokens [B, max_new_tokens]. `prefix_len`: the prompt's first tokens read
+    bidirectionally by the model's `prefill` (Birdie), None: the prompt is causal."""
     model = nnx.merge(graphdef, params)
     batch, prompt_len = prompt.shape
-    cache = model.init_cache(batch, prompt_len + max_new_tokens, jnp.float32)
-    logits, cache = model.decode(prompt, cache)
+    if prefix_len is None:
+        cache = model.init_cache(batch, prompt_len + max_new_tokens, jnp.float32)
+        logits, cache = model.decode(prompt, cache)
+    else:
+        logits, cache = model.prefill(prompt, prefix_len)
     keys = jax.random.split(key, max_new_tokens)
     first = sample_token(logits[:, -1], keys[0], temperature=temperature, top_p=top_p)
 

@@ -25,8 +25,8 @@ from lcjax.train.metrics import read_metrics
 
 RECIPES = {  # objective overrides of each pretraining
     "birdie": {"objectives.mixture": "birdie-small", "objectives.controller": True},
-    "next_token": {},
-    "ul2": {"objectives.mixture": "ul2"},
+    "next_token": {"objectives.mixture": "", "objectives.controller": False},
+    "ul2": {"objectives.mixture": "ul2", "objectives.controller": False},
 }
 
 
@@ -37,6 +37,13 @@ def build(base, overrides: dict[str, Any]):
         section, _, key = dotted.partition(".")
         values.setdefault(section, {})[key] = value
     return config_lib.from_dict(values).validate(jax.device_count())
+
+
+def _train(config, workdir: str, init_from: str = "") -> None:
+    """One stage; a preempted stage (SIGTERM/SIGINT) stops the comparison, and the next run resumes it."""
+    result = loop.train(config, workdir, init_from=init_from)
+    if "stopped_at_step" in result:
+        raise KeyboardInterrupt(f"stopped during {workdir} at step {int(result['stopped_at_step'])}")
 
 
 def run(
@@ -57,10 +64,10 @@ def run(
         pre_dir, ft_dir = os.path.join(workdir, name, "pretrain"), os.path.join(workdir, name, "phonebook")
         started = time.perf_counter()
         print(f"== {name}: pretraining -> {pre_dir}", flush=True)
-        loop.train(build(base, {**pretrain, **RECIPES[name]}), pre_dir)
+        _train(build(base, {**pretrain, **RECIPES[name]}), pre_dir)
         print(f"== {name}: phone-book fine-tuning -> {ft_dir}", flush=True)
-        ft_config = build(base, finetune)
-        loop.train(ft_config, ft_dir, init_from=pre_dir)
+        ft_config = build(base, {"objectives.mixture": "", "objectives.controller": False, **finetune})
+        _train(ft_config, ft_dir, init_from=pre_dir)
         final = read_metrics(pre_dir, "eval")
         row = {
             "next_token_bits_per_byte": final[max(final)]["bits_per_byte"],

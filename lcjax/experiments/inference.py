@@ -11,9 +11,11 @@ import jax
 import numpy as np
 
 from lcjax.config import Config
+from lcjax.data import birdie_objectives
 from lcjax.errors import ConfigError
 from lcjax.eval import generate as generation
 from lcjax.eval import stream as streaming
+from lcjax.models import registry
 from lcjax.train.run import Run, _is_task, eval_steps, evaluate_all, load_eval_sets, load_split, restore_for_inference
 
 
@@ -76,9 +78,20 @@ def generate_text(config: Config, workdir: str, prompt: str) -> str:
     """Continues `prompt` with the latest checkpoint, sampling as `config.generate` says."""
     if not prompt:
         raise ConfigError("prompt", "must be a non-empty string")
-    run, params, _ = restore_for_inference(config, workdir, text=True)
-    ids = np.asarray([run.tokenizer.encode(prompt)], np.int32)
     gen = config.generate
+    if gen.paradigm and not hasattr(registry.model_class(config.model.name), "prefill"):
+        raise ConfigError(
+            "generate.paradigm",
+            f"needs a model that reads a bidirectional prefix (birdie); model.name={config.model.name!r} is causal",
+        )
+    run, params, _ = restore_for_inference(config, workdir, text=True)
+    ids, prefix_len = run.tokenizer.encode(prompt), None
+    if gen.paradigm:
+        markers = birdie_objectives.Markers.encode(run.tokenizer)
+        ids = list(markers.paradigm[gen.paradigm]) + ids
+        prefix_len = len(ids)
+        ids += list(markers.start)
+    ids = np.asarray([ids], np.int32)
     tokens = generation.generate(
         run.trainer.graphdef,
         params,
@@ -87,5 +100,6 @@ def generate_text(config: Config, workdir: str, prompt: str) -> str:
         max_new_tokens=gen.max_new_tokens,
         temperature=gen.temperature,
         top_p=gen.top_p,
+        prefix_len=prefix_len,
     )
     return run.tokenizer.decode(np.asarray(tokens[0]).tolist())

@@ -17,8 +17,11 @@ at 0) are exact resets: the decay is 0 at a document start, the conv reads no ot
 stops at a document's last token.
 
 Decode carries per layer the conv history [B, 3, W] and the forward state ([B, W], or [B, W/2] in a bidirectional
-layer): constant memory per token. It is causal: every decoded token is in the causal region (consuming a prefix
-bidirectionally in decode comes with the Birdie objectives, issue 28).
+layer): constant memory per token. `prefill(tokens, prefix_len)` consumes a prompt from a fresh cache with its
+first `prefix_len` tokens read both ways, as in training, once; `decode` then goes on causally with the same fixed
+state (every decoded token is in the causal region, where the reverse half is b_t alone and carries no state). The
+prefix's last position reads the first causal token (Birdie's start-generating token, `rglru.bidirectional_scan`),
+so that token must be in the prompt: `prefix_len` < the prompt's length. `decode` alone is the all-causal model.
 """
 
 from __future__ import annotations
@@ -209,6 +212,24 @@ class Birdie(CausalLM):
         prefix_mask [B, T] (1: prefix) or None (all causal). -> ([B, T, d_model], {})."""
         x, _ = self.layers(x, None, positions=positions, segment_ids=segment_ids, prefix_mask=prefix_mask)
         return x, {}
+
+    def prefill(self, tokens: jax.Array, prefix_len: int) -> tuple[jax.Array, dict[str, Any]]:
+        """tokens [B, n] from a fresh cache, the first `prefix_len` (0 <= prefix_len < n, a Python int) read
+        bidirectionally and the rest causally (module docstring). -> (logits [B, n, V], the cache `decode` goes on
+        from); the logits equal the parallel form's on the same row with that `prefix_mask`."""
+        batch, n = tokens.shape
+        if not 0 <= prefix_len < n:
+            raise ValueError(
+                f"Birdie.prefill: prefix_len must be in [0, {n}) for a prompt of {n} tokens, got {prefix_len}: the "
+                "prefix's last position reads the next (start-generating) token, which must be in the prompt"
+            )
+        positions = jnp.broadcast_to(jnp.arange(n), (batch, n))
+        prefix_mask = (positions < prefix_len).astype(jnp.int32)
+        cache = self.init_cache(batch)
+        x, layers = self.layers(
+            self.embed_tokens(tokens, positions), cache["layers"], positions=positions, prefix_mask=prefix_mask
+        )
+        return self.head(x), {"index": cache["index"] + n, "layers": layers}
 
     def layer_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype) -> dict[str, Any]:
         """Conv histories and forward states, float32; independent of `max_len` and `dtype`."""

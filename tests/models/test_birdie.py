@@ -15,14 +15,19 @@ from flax import nnx
 from lcjax import models
 from lcjax.config import from_dict
 from lcjax.errors import ConfigError
+from lcjax.eval import generate as generation
 
 MODEL = {"name": "birdie", "vocab_size": 64, "d_model": 32, "num_layers": 2, "num_gate_blocks": 2}
 
 
-def _forward(mixer):
+def _model(mixer):
     config = from_dict({"model": MODEL | {"mixer": mixer, "lru_width": 32}})
     config.validate(device_count=8)
-    model = models.build(config, nnx.Rngs(0))
+    return models.build(config, nnx.Rngs(0))
+
+
+def _forward(mixer):
+    model = _model(mixer)
     return lambda batch: nnx.jit(lambda m, b: m(b)[0])(model, batch)
 
 
@@ -64,3 +69,33 @@ def test_bad_birdie_configs_name_their_field():
     ):
         with pytest.raises(ConfigError, match=field):
             from_dict({"model": MODEL | model}).validate(device_count=8)
+
+
+@pytest.mark.parametrize("mixer", ["hawk", "gated_ssm"])
+def test_prefill_reads_the_prefix_both_ways_then_decode_goes_on_causally(mixer):
+    """prefill(prompt, prefix_len) then decode in pieces == the parallel form with that prefix_mask."""
+    model = _model(mixer)
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 64)
+    prefix = jnp.broadcast_to(jnp.arange(12) < 5, (2, 12)).astype(jnp.int32)
+    want = nnx.jit(lambda m, b: m(b)[0])(model, {"inputs": tokens, "prefix_mask": prefix})
+    logits, cache = nnx.jit(lambda m, t: m.prefill(t, 5))(model, tokens[:, :7])
+    step = nnx.jit(lambda m, t, c: m.decode(t, c))
+    one, cache = step(model, tokens[:, 7:8], cache)
+    rest, cache = step(model, tokens[:, 8:], cache)
+    np.testing.assert_allclose(jnp.concatenate([logits, one, rest], 1), want, atol=2e-5, rtol=0)
+    assert int(cache["index"]) == 12
+    # the prefix is read both ways: the all-causal model differs at the prefix, and prefix_len 0 is that model
+    causal, _ = step(model, tokens[:, :7], model.init_cache(2))
+    assert float(jnp.abs(causal - logits)[:, :5].max()) > 1e-4
+    np.testing.assert_allclose(nnx.jit(lambda m, t: m.prefill(t, 0))(model, tokens[:, :7])[0], causal, atol=2e-5)
+    # generation from a bidirectional prompt: greedy tokens are the parallel form's argmax, step by step
+    graphdef, params = nnx.split(model)
+    new = generation.generate(
+        graphdef, params, tokens[:, :7], jax.random.key(0), max_new_tokens=2, temperature=0.0, top_p=1.0, prefix_len=5
+    )
+    np.testing.assert_array_equal(new[:, 0], jnp.argmax(logits[:, -1], -1))
+    row = jnp.concatenate([tokens[:, :7], new[:, :1]], 1)
+    full = nnx.jit(lambda m, b: m(b)[0])(model, {"inputs": row, "prefix_mask": prefix[:, :8]})
+    np.testing.assert_array_equal(new[:, 1], jnp.argmax(full[:, -1], -1))
+    with pytest.raises(ValueError, match="prefix_len must be in"):
+        model.prefill(tokens[:, :5], 5)  # no start-generating token after the prefix
