@@ -80,6 +80,7 @@ def run(
             )
             row[f"phonebook_{q}"] = grid[0].get("answer_accuracy")
             row[f"phonebook_{q}_example"] = grid[0].get("example_accuracy")
+            row[f"phonebook_{q}_token"] = grid[0].get("token_accuracy")  # per answer digit: progress below 100%
         results[name] = row
         print(f"[{name}] {row}", flush=True)
     os.makedirs(out_dir, exist_ok=True)
@@ -93,12 +94,16 @@ def run(
         f"- phone-book fine-tuning: {', '.join(f'{k}={v}' for k, v in finetune.items())}",
         "",
         "| pretraining | next-token bits/byte | "
-        + " | ".join(f"phone book, {q} number{'s' if q > 1 else ''} (per number / all)" for q in queries)
+        + " | ".join(f"phone book, {q} number{'s' if q > 1 else ''} (number / all / digit)" for q in queries)
         + " |",
         "|---|---|" + "---|" * len(queries),
     ]
     for name, row in results.items():
-        cells = [f"{100 * row[f'phonebook_{q}']:.1f}% / {100 * row[f'phonebook_{q}_example']:.1f}%" for q in queries]
+        cells = [
+            f"{100 * row[f'phonebook_{q}']:.1f}% / {100 * row[f'phonebook_{q}_example']:.1f}% / "
+            f"{100 * row[f'phonebook_{q}_token']:.1f}%"
+            for q in queries
+        ]
         lines.append(f"| {name} | {row['next_token_bits_per_byte']:.3f} | " + " | ".join(cells) + " |")
     with open(os.path.join(out_dir, "birdie_comparison.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from lcjax.models import birdie, hmt, mamba2, titans, transformer, xlstm
+from lcjax.models import birdie, hmt, jrt, mamba2, titans, transformer, xlstm
 
 _MODELS = {
     "birdie": (birdie.BirdieConfig, birdie.Birdie),
     "hmt": (hmt.HMTConfig, hmt.HMT),
+    "jrt": (jrt.JRTConfig, jrt.JRT),
     "mamba2": (mamba2.Mamba2Config, mamba2.Mamba2),
     "titans": (titans.TitansConfig, titans.Titans),
     "transformer": (transformer.TransformerConfig, transformer.Transformer),

@@ -82,6 +82,14 @@ SPECS = {
         tensor_param=("layers", "blocks", "causal", "w_x"),
     ),
 }
+# JRT: one BaseConv, PLA and window-attention layer each; the encoder reads the first 4 tokens
+SPECS["jrt"] = Spec(
+    {"vocab_size": 64, "d_model": 32, "num_layers": 3, "layer_pattern": "cpw", "num_heads": 2, "num_kv_heads": 2}
+    | {"feature_dim": 4, "prefix_len": 4, "window": 4, "chunk_size": 4},
+    perturb=0.1,
+    tensor_param=("layers", "blocks", "l1", "mixer", "w_q"),
+    packed_equals_alone=False,  # the encoder is the row's prompt: only the row's first document reads it
+)
 SPECS["hmt"] = Spec(  # three segments of 4 tokens with 2 sensory ones around the transformer; the cache evicts
     {"backbone": {"name": "transformer", **SPECS["transformer"].model}, "segment_len": 4, "sensory_tokens": 2}
     | {"cache_size": 2},
