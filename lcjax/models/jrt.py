@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lcjax.errors import ConfigError
@@ -56,9 +58,58 @@ class JRTConfig(ModelConfig):
     pla_impl: str = "auto"  # auto (the kernel on TPU/GPU) | xla | pallas | interpret (`kernels_pallas`)
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    # The training objective (`train_batch`): next token past the encoder plus `mlm_weight` × the masked-token loss
+    # on the encoder's tokens, `mlm_rate` of them replaced by `mask_token` (-1: vocab_size − 1, byte 0xFF, which no
+    # UTF-8 text holds) and predicted at their own positions. mlm_weight 0: next token past the encoder only.
+    mlm_rate: float = 0.15
+    mlm_weight: float = 0.25
+    mask_token: int = -1
     attention: AttentionConfig = AttentionConfig()
 
     sequence_parallel: ClassVar[bool] = False
+
+    @property
+    def resolved_mask_token(self) -> int:
+        return self.vocab_size - 1 if self.mask_token < 0 else self.mask_token
+
+    def encoder_region(self, batch: dict[str, Any]) -> np.ndarray:
+        """[batch, length] bool: the tokens the encoder reads (`pla.encoder_weights` > 0), on host arrays."""
+        inputs = np.asarray(batch["inputs"])
+        positions = batch.get("positions")
+        positions = np.broadcast_to(np.arange(inputs.shape[1]), inputs.shape) if positions is None else positions
+        segments = batch.get("segment_ids")
+        starts = np.asarray(positions) == 0
+        if segments is not None:
+            segments = np.asarray(segments)
+            starts |= segments != np.concatenate([segments[:, :1], segments[:, :-1]], axis=1)
+        starts[:, 0] = False
+        first = np.cumsum(starts, axis=1) == 0
+        if segments is not None:
+            first &= segments > 0
+        prefix = batch.get("prefix_mask")
+        if prefix is not None:
+            return first & (np.asarray(prefix) > 0)
+        return first & (np.arange(inputs.shape[1])[None, :] < self.prefix_len)
+
+    def train_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The paper's objective (§4.3): no next-token loss on the encoder's tokens (they read what follows them);
+        `mlm_rate` of them (never token 0) masked and predicted at their own positions with weight `mlm_weight`.
+        The choice is seeded by the batch's own tokens: a pure function of the batch."""
+        batch = super().train_batch(batch)
+        region = self.encoder_region(batch)
+        inputs, targets = np.array(batch["inputs"]), np.array(batch["targets"])
+        loss_mask = np.where(region, 0.0, batch["loss_mask"]).astype(np.float32)
+        if self.mlm_weight > 0 and self.mlm_rate > 0:
+            rng = np.random.default_rng(zlib.crc32(inputs.tobytes()))
+            chosen = region & (rng.random(inputs.shape) < self.mlm_rate) & (inputs != 0)
+            targets[chosen] = inputs[chosen]
+            inputs[chosen] = self.resolved_mask_token
+            loss_mask[chosen] = self.mlm_weight
+        return {**batch, "inputs": inputs, "targets": targets, "loss_mask": loss_mask}
+
+    def eval_loss_mask(self, batch: dict[str, Any]) -> Any:
+        """Next-token scores past the encoder only: an encoder token's target is one the encoder reads."""
+        return np.where(self.encoder_region(batch), 0.0, batch["loss_mask"]).astype(np.float32)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -94,6 +145,12 @@ class JRTConfig(ModelConfig):
             raise ConfigError("model.num_heads", f"={self.num_heads} must divide model.d_model={self.d_model}")
         if "w" in self.layer_pattern and self.resolved_head_dim % 2:
             raise ConfigError("model.head_dim", f"={self.resolved_head_dim} must be even for RoPE")
+        if not 0.0 <= self.mlm_rate <= 1.0:
+            raise ConfigError("model.mlm_rate", f"must be in [0, 1], got {self.mlm_rate}")
+        if self.mlm_weight < 0:
+            raise ConfigError("model.mlm_weight", f"must be >= 0, got {self.mlm_weight}")
+        if not -1 <= self.mask_token < self.vocab_size:
+            raise ConfigError("model.mask_token", f"={self.mask_token} must be -1 or a token id < {self.vocab_size}")
         if self.pla_impl not in pla.IMPLS:
             raise ConfigError("model.pla_impl", f"={self.pla_impl!r}; expected one of {list(pla.IMPLS)}")
         self.check_divisible("tensor", mesh, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads)

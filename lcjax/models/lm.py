@@ -80,6 +80,18 @@ class ModelConfig:
         keep theirs. A family that trains on part of each row (HMT's last segment) narrows it here."""
         return loss_mask
 
+    def train_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A host training batch ([batch, length] numpy fields) as this model trains on it: by default the loss
+        mask of `train_loss_mask`. A family with an objective of its own on part of the row (JRT's masked-token
+        loss on its encoder's tokens) rewrites the inputs, targets and weights here, as a pure function of the
+        batch (so the batch at step k stays a function of the seed and k)."""
+        return {**batch, "loss_mask": self.train_loss_mask(batch["loss_mask"])}
+
+    def eval_loss_mask(self, batch: dict[str, Any]) -> Any:
+        """The loss mask of a host text eval batch as this model is scored on it: a family whose parallel form
+        reads some targets (JRT's encoder reads its tokens both ways) drops those positions. Default: unchanged."""
+        return batch["loss_mask"]
+
     def check_divisible(self, mesh_axis: str, mesh: dict[str, int], **widths: int) -> None:
         """Each `model.<name>` (a field, or the width a field gives) must be divisible by mesh axis `mesh_axis`."""
         size = mesh[mesh_axis]

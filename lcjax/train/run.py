@@ -69,7 +69,7 @@ def load_split(run: Run, split: str):
 
 def _eval_set(run: Run, stream) -> list[dict[str, np.ndarray]]:
     cfg = run.config
-    return pipeline.eval_batches(
+    batches = pipeline.eval_batches(
         stream,
         seq_len=cfg.train.seq_len,
         global_batch=cfg.eval.batch_size,
@@ -77,6 +77,7 @@ def _eval_set(run: Run, stream) -> list[dict[str, np.ndarray]]:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+    return [{**b, "loss_mask": cfg.model.eval_loss_mask(b)} for b in batches]
 
 
 EVAL_SEED_OFFSET = 1_000_003  # a task's eval examples come from train.seed + this: a stream apart from training
@@ -160,8 +161,8 @@ def load_train_batches(run: Run):
 
 
 def _with_model_loss_mask(batches, model_config):
-    """Training batches with the loss mask the model trains on (`ModelConfig.train_loss_mask`)."""
-    return batches.map(lambda b: {**b, "loss_mask": model_config.train_loss_mask(b["loss_mask"])})
+    """Training batches as the model trains on them (`ModelConfig.train_batch`: its loss mask, its objective)."""
+    return batches.map(model_config.train_batch)
 
 
 def evaluate_all(run: Run, eval_fns: dict[str, Any], params: Any, sets: EvalSets) -> dict[str, dict[str, float]]:
