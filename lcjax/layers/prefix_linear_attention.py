@@ -67,29 +67,33 @@ def feature_map(x: jax.Array) -> jax.Array:
     return jnp.concatenate(parts, axis=-1)
 
 
-def documents(positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
-    """[batch, T] int32: each token's document counted from the row's first (0); a document starts where the
-    segment id changes or `positions` restarts at 0."""
+def documents(positions, segment_ids=None, xp=jnp):
+    """[batch, T] int32: each token's document, 0 for the row's first one (and any padding before it: a left-padded
+    prompt); a document starts where the segment id changes or `positions` restarts at 0. `xp`: jnp, or numpy for
+    host batches (`lcjax.models.jrt`)."""
+    length = positions.shape[1]
     starts = positions == 0
     if segment_ids is not None:
-        previous = jnp.concatenate([segment_ids[:, :1], segment_ids[:, :-1]], axis=1)
+        previous = xp.concatenate([segment_ids[:, :1], segment_ids[:, :-1]], axis=1)
         starts = starts | (segment_ids != previous)
-    return jnp.cumsum(starts.at[:, 0].set(False), axis=1).astype(jnp.int32)
+    docs = xp.cumsum(starts & (xp.arange(length) > 0)[None, :], axis=1)
+    if segment_ids is not None:  # left padding joins the first document (it writes nothing: `valid`)
+        first = xp.min(xp.where(segment_ids > 0, docs, length), axis=1, keepdims=True)
+        docs = xp.maximum(docs - first, 0)
+    return docs.astype(xp.int32)
 
 
-def encoder_weights(
-    docs: jax.Array, prefix_len: int, prefix_mask: jax.Array | None = None, segment_ids: jax.Array | None = None
-) -> jax.Array:
+def encoder_weights(docs, prefix_len: int, prefix_mask=None, segment_ids=None, xp=jnp):
     """[batch, T] float32 encoder weights w_j (module docstring) from `documents` `docs` [batch, T]."""
     first = docs == 0
     if segment_ids is not None:
-        first &= segment_ids > 0  # padding is never encoded
+        first = first & (segment_ids > 0)  # padding is never encoded
     if prefix_mask is not None:
-        return (first & (prefix_mask > 0)).astype(jnp.float32)
-    n = jnp.sum(first, axis=1, keepdims=True)  # the first document's length in the row (≥ 1 unless all padding)
-    j = jnp.arange(docs.shape[1])[None, :]
-    repeats = (prefix_len - j + n - 1) // jnp.maximum(n, 1)  # ⌈(M − j) / n⌉: how often token j fills 0..M−1
-    return jnp.where(first & (j < prefix_len), repeats, 0).astype(jnp.float32)
+        return (first & (prefix_mask > 0)).astype(xp.float32)
+    n = xp.sum(first, axis=1, keepdims=True)  # the first document's length in the row (≥ 1 unless all padding)
+    j = xp.arange(docs.shape[1])[None, :] - xp.argmax(first, axis=1, keepdims=True)  # from the document's start
+    repeats = (prefix_len - j + n - 1) // xp.maximum(n, 1)  # ⌈(M − j) / n⌉: how often token j fills 0..M−1
+    return xp.where(first & (j < prefix_len), repeats, 0).astype(xp.float32)
 
 
 def encoder_state(phi_ke: jax.Array, ve: jax.Array, weights: jax.Array) -> jax.Array:
@@ -99,10 +103,13 @@ def encoder_state(phi_ke: jax.Array, ve: jax.Array, weights: jax.Array) -> jax.A
     return jnp.einsum("bthf,bthv,bt->bhfv", phi_ke, ve1, weights.astype(phi_ke.dtype))
 
 
-def prefix_linear_attention(phi_q, phi_k, v, docs, s_enc, *, chunk_size: int, impl: str = "auto", eps: float = EPS):
+def prefix_linear_attention(
+    phi_q, phi_k, v, docs, s_enc, valid=None, *, chunk_size: int, impl: str = "auto", eps: float = EPS
+):
     """The causal term plus the encoder term (module docstring) through the chunkwise kernel: φ(q), φ(k) [batch, T,
     heads, F], v [batch, T, heads, dv], docs [batch, T] (`documents`), s_enc [batch, heads, F, dv + 1] (the state
-    the row's first document starts from). Returns (y [batch, T, heads, dv], the last document's state [batch,
+    the row's first document starts from), valid [batch, T] bool or None (False: padding, which writes nothing).
+    Returns (y [batch, T, heads, dv], the last document's state [batch,
     heads, F, dv + 1])."""
     batch, length, heads, features = phi_q.shape
     dv = v.shape[-1]
@@ -110,6 +117,8 @@ def prefix_linear_attention(phi_q, phi_k, v, docs, s_enc, *, chunk_size: int, im
     pad = -length % chunk
     v1 = jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)
     log_input = jnp.zeros((batch, length), _wide(phi_q).dtype)
+    if valid is not None:
+        log_input = jnp.where(valid, log_input, -jnp.inf)
     if pad:  # padding tokens write nothing (log input weight −∞) and stay in the last document
         widths = [(0, 0), (0, pad), (0, 0), (0, 0)]
         phi_q, phi_k, v1 = (jnp.pad(x, widths) for x in (phi_q, phi_k, v1))
@@ -185,7 +194,10 @@ class PrefixLinearAttention(nnx.Module):
         s_enc = encoder_state(feature_map(self._project(x, "w_ke")), self._project(x, "w_ve"), weights)
         if cache is not None:
             s_enc = cache + jnp.where(index == 0, 1.0, 0.0) * s_enc
-        y, last = prefix_linear_attention(phi_q, phi_k, v, docs, s_enc, chunk_size=self.chunk_size, impl=self.impl)
+        valid = None if segment_ids is None else segment_ids > 0
+        y, last = prefix_linear_attention(
+            phi_q, phi_k, v, docs, s_enc, valid, chunk_size=self.chunk_size, impl=self.impl
+        )
         y = constrain(y.astype(x.dtype), ("batch", "length", "heads", None))
         out = jnp.einsum("bthv,hvd->btd", y, self.w_o[...].astype(x.dtype))
         return out, (None if cache is None else last)

@@ -77,19 +77,10 @@ class JRTConfig(ModelConfig):
         inputs = np.asarray(batch["inputs"])
         positions = batch.get("positions")
         positions = np.broadcast_to(np.arange(inputs.shape[1]), inputs.shape) if positions is None else positions
-        segments = batch.get("segment_ids")
-        starts = np.asarray(positions) == 0
-        if segments is not None:
-            segments = np.asarray(segments)
-            starts |= segments != np.concatenate([segments[:, :1], segments[:, :-1]], axis=1)
-        starts[:, 0] = False
-        first = np.cumsum(starts, axis=1) == 0
-        if segments is not None:
-            first &= segments > 0
-        prefix = batch.get("prefix_mask")
-        if prefix is not None:
-            return first & (np.asarray(prefix) > 0)
-        return first & (np.arange(inputs.shape[1])[None, :] < self.prefix_len)
+        segments = None if batch.get("segment_ids") is None else np.asarray(batch["segment_ids"])
+        prefix = None if batch.get("prefix_mask") is None else np.asarray(batch["prefix_mask"])
+        docs = pla.documents(np.asarray(positions), segments, xp=np)
+        return pla.encoder_weights(docs, self.prefix_len, prefix, segments, xp=np) > 0
 
     def train_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The paper's objective (§4.3): no next-token loss on the encoder's tokens (they read what follows them);

@@ -145,3 +145,16 @@ def test_baseconv_streams_and_isolates_documents(taps):
     packed, _ = conv(x, segment_ids=segments)
     alone, _ = conv(x[:, 4:])
     np.testing.assert_allclose(packed[:, 4:], alone, atol=1e-5)
+
+
+def test_a_left_padded_prompt_equals_the_prompt_alone(x64):
+    """JRT-Prompt pads on the left: the padding writes nothing and the first real document is the encoder's."""
+    layer = _layer()
+    x = jax.random.normal(jax.random.key(6), (1, 9, D), jnp.float64)
+    segments = jnp.array([[0, 0, 0] + [1] * 6], jnp.int32)
+    positions = jnp.array([[0, 0, 0] + list(range(6))], jnp.int32)
+    padded, _ = layer(x, positions=positions, segment_ids=segments)
+    alone, _ = layer(x[:, 3:], positions=positions[:, 3:])
+    np.testing.assert_allclose(padded[:, 3:], alone, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(pla.encoder_weights(pla.documents(positions, segments), M, None, segments),
+                                  [[0, 0, 0, 1, 1, 1, 1, 0, 0]])  # fmt: skip
