@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels_pallas import chunked_linear_attention as kernel
+from kernels_pallas import common
 from lcjax.layers import chunkwise
 from lcjax.layers.conv import causal_conv
 from lcjax.layers.params import normal, param, zeros
@@ -113,7 +114,9 @@ def prefix_linear_attention(
     heads, F, dv + 1])."""
     batch, length, heads, features = phi_q.shape
     dv = v.shape[-1]
-    chunk = min(chunk_size, length)
+    given, gpu = features, impl != "xla" and common.backend() == "gpu"
+    pow2 = lambda n: max(16, 1 << (n - 1).bit_length())
+    chunk = pow2(min(chunk_size, length)) if gpu else min(chunk_size, length)
     pad = -length % chunk
     v1 = jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)
     log_input = jnp.zeros((batch, length), _wide(phi_q).dtype)
@@ -124,6 +127,12 @@ def prefix_linear_attention(
         phi_q, phi_k, v1 = (jnp.pad(x, widths) for x in (phi_q, phi_k, v1))
         log_input = jnp.pad(log_input, [(0, 0), (0, pad)], constant_values=-jnp.inf)
         docs = jnp.pad(docs, [(0, 0), (0, pad)], mode="edge")
+    if gpu:  # Triton: powers of two >= 16 (zero features and value columns change nothing)
+        extra_f, extra_v = pow2(features) - features, pow2(dv + 1) - (dv + 1)
+        phi_q, phi_k = (jnp.pad(x, [(0, 0)] * 3 + [(0, extra_f)]) for x in (phi_q, phi_k))
+        v1 = jnp.pad(v1, [(0, 0)] * 3 + [(0, extra_v)])
+        s_enc = jnp.pad(s_enc, [(0, 0), (0, 0), (0, extra_f), (0, extra_v)])
+        features = features + extra_f
     chunks = (length + pad) // chunk
     per_chunk = lambda x: jnp.moveaxis(x, 2, 1).reshape(batch, heads, chunks, chunk, x.shape[-1])
     per_token = lambda x: jnp.broadcast_to(x[:, None], (batch, heads, length + pad)).reshape(
@@ -140,8 +149,8 @@ def prefix_linear_attention(
         h, (c, _, _) = kernel.chunked_linear_attention(*args, mode="ssd", impl="reference")
     else:
         h, (c, _, _) = chunkwise.chunked_linear_attention(*args, mode="ssd", impl=impl)
-    h = _wide(jnp.moveaxis(h.reshape(batch, heads, length + pad, dv + 1)[:, :, :length], 1, 2))
-    return h[..., :dv] / (h[..., dv:] + eps), c
+    h = _wide(jnp.moveaxis(h.reshape(batch, heads, length + pad, h.shape[-1])[:, :, :length], 1, 2))
+    return h[..., :dv] / (h[..., dv : dv + 1] + eps), c[..., :given, : dv + 1]
 
 
 class PrefixLinearAttention(nnx.Module):

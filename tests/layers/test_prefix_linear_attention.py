@@ -158,3 +158,26 @@ def test_a_left_padded_prompt_equals_the_prompt_alone(x64):
     np.testing.assert_allclose(padded[:, 3:], alone, rtol=1e-9, atol=1e-12)
     np.testing.assert_array_equal(pla.encoder_weights(pla.documents(positions, segments), M, None, segments),
                                   [[0, 0, 0, 1, 1, 1, 1, 0, 0]])  # fmt: skip
+
+
+def test_on_gpu_features_and_values_are_padded_to_powers_of_two_and_lower_to_triton():
+    """Triton needs powers of two >= 16: the zero padding changes nothing (interpret mode as the GPU path), and the
+    layer at the paper's feature dim 16 (280 features -> 512) lowers to the Triton kernels, forward and backward."""
+    from kernels_pallas import common
+
+    x = jax.random.normal(jax.random.key(7), (1, 12, D))
+    positions = jnp.arange(12)[None]
+    want, _ = _layer(impl="xla")(x, positions=positions)
+    with common.tracing_for("gpu"):
+        got, _ = _layer(impl="interpret")(x, positions=positions)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+    layer = pla.PrefixLinearAttention(64, 2, 16, 32, prefix_len=32, chunk_size=32, impl="pallas", rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(layer)
+
+    def loss(params, x):
+        y, _ = nnx.merge(graphdef, params)(x, positions=jnp.arange(64)[None])
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    text = common.lower_for(jax.grad(loss), [params, jax.ShapeDtypeStruct((1, 64, 64), jnp.bfloat16)], ("cuda",))
+    assert text.as_text().count("custom_call @__gpu$xla.gpu.triton") == 4
