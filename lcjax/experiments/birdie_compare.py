@@ -124,11 +124,16 @@ def plot_mixture(workdir: str, path: str) -> None:
 
     steps = sorted(records)
     arms = [k for k in records[steps[0]] if k.startswith("mixture/")]
-    # the mixture set at an evaluation holds until the next: draw it as steps
+    # the mixture set at an evaluation holds until the next: one stacked bar per interval (the last evaluation's
+    # mixture, set when training ends, as a narrow bar after it)
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    ax.stackplot(
-        steps, [[records[s][a] for s in steps] for a in arms], labels=[a[8:] for a in arms], step="post", alpha=0.85
-    )
+    tail = max(1, (steps[-1] - steps[0]) // 25)
+    widths = [b - a for a, b in zip(steps[:-1], steps[1:], strict=True)] + [tail]
+    bottom = [0.0] * len(steps)
+    for arm in arms:
+        shares = [records[s][arm] for s in steps]
+        ax.bar(steps, shares, widths, bottom=bottom, align="edge", label=arm[8:], alpha=0.85, linewidth=0)
+        bottom = [b + x for b, x in zip(bottom, shares, strict=True)]
     ax.set_xlabel("training step")
     ax.set_ylabel("share of samples")
     ax.set_ylim(0, 1)
