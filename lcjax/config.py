@@ -101,6 +101,8 @@ class TaskConfig:
     num_entries: int = 8  # phonebook: entries in the book
     num_queries: int = 1  # phonebook: numbers asked for
     num_tokens: int = 16  # selective copying: tokens to copy
+    short_set: int = 4  # set disjointness: elements of the first (short) set
+    long_set: int = 8  # set disjointness: elements of the second (long) set, one of them shared with the first
     # Training only: weight of the next-token loss at every other content position (the haystack, the needle, the
     # question; MQAR's keys and values...), the answer's targets keeping weight 1. 0: the answer alone. Evaluation
     # always scores the answer alone.

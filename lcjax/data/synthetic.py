@@ -339,6 +339,45 @@ class SelectiveCopy:
         return _finish(tokens, loss_mask, (0, context_len))
 
 
+class SetDisjointness:
+    """JRT's set disjointness (Arora et al. 2024, §4.4 of the reference): a short set of `short_set` distinct tokens,
+    a separator (id 1), a long set of `long_set` distinct tokens sharing exactly one element with the short one, a
+    separator, then that shared element as the answer. Tokens are drawn from [2, V); left padding (segment 0) fills
+    the row. A recurrent model reading the short set first must hold all of it while the long set streams past;
+    with the sets repeated (JRT-Prompt) it can read the long set knowing what to look for."""
+
+    SEPARATOR = 1
+
+    def __init__(self, *, vocab_size: int, seq_len: int, short_set: int, long_set: int, num_examples: int, seed=0):
+        if short_set < 1 or long_set < 1:
+            raise ConfigError("task.short_set", f"={short_set} and task.long_set={long_set} must be >= 1")
+        if short_set + long_set + 2 > seq_len:
+            raise ConfigError(
+                "task.long_set",
+                f"task.short_set={short_set} + task.long_set={long_set} + 2 separators exceed train.seq_len={seq_len}",
+            )
+        if short_set + long_set - 1 > vocab_size - 2:
+            raise ConfigError("model.vocab_size", f"={vocab_size} has too few tokens for the two sets")
+        self.vocab_size, self.seq_len, self.short_set, self.long_set = vocab_size, seq_len, short_set, long_set
+        self.num_examples, self.seed = num_examples, seed
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        rng = _rng(self.seed, index)
+        drawn = rng.choice(np.arange(2, self.vocab_size), self.short_set + self.long_set - 1, replace=False)
+        short, rest = drawn[: self.short_set], drawn[self.short_set :]
+        shared = short[rng.integers(self.short_set)]
+        long = rng.permutation(np.concatenate([rest, [shared]]))
+        body = np.concatenate([short, [self.SEPARATOR], long, [self.SEPARATOR], [shared]]).astype(np.int32)
+        pad = self.seq_len + 1 - len(body)
+        tokens = np.concatenate([np.zeros(pad, np.int32), body])
+        loss_mask = np.zeros(self.seq_len, np.float32)
+        loss_mask[-1] = 1.0  # the last separator predicts the shared element
+        return _finish(tokens, loss_mask, (pad, pad + len(body) - 2), start=pad)
+
+
 class JRTPrompt:
     """JRT-Prompt over any task: the in-context document (`context_start:context_end`) appears twice before the
     question; examples are left-padded (segment 0) to `length` = 2 * the task's length, the most it can need."""
@@ -366,7 +405,7 @@ class JRTPrompt:
         )
 
 
-TASKS = ("mqar", "passkey", "niah_number", "niah_word", "phonebook", "selective_copy")
+TASKS = ("mqar", "passkey", "niah_number", "niah_word", "phonebook", "selective_copy", "set_disjointness")
 NIAH_TASKS = ("passkey", "niah_number", "niah_word")
 TEXT_TASKS = (*NIAH_TASKS, "phonebook")  # built with the tokenizer; the others use raw ids
 
@@ -391,6 +430,9 @@ def make_task(name: str, task_config, *, tokenizer: Tokenizer, vocab_size: int, 
     elif name == "selective_copy":
         task = SelectiveCopy(vocab_size=vocab_size, seq_len=seq_len, num_tokens=t.num_tokens,
                              num_examples=num_examples, seed=seed)  # fmt: skip
+    elif name == "set_disjointness":
+        task = SetDisjointness(vocab_size=vocab_size, seq_len=seq_len, short_set=t.short_set, long_set=t.long_set,
+                               num_examples=num_examples, seed=seed)  # fmt: skip
     else:
         raise ConfigError("eval.tasks", f"unknown task {name!r}; expected one of {TASKS}")
     task = JRTPrompt(task) if jrt_prompt else task

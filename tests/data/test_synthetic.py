@@ -177,6 +177,25 @@ def test_selective_copy_targets_are_the_scattered_tokens_in_order():
         SelectiveCopy(vocab_size=16, seq_len=10, num_tokens=8, num_examples=1)
 
 
+def test_set_disjointness_answers_the_one_element_the_two_sets_share():
+    from lcjax.data.synthetic import SetDisjointness
+
+    task = SetDisjointness(vocab_size=64, seq_len=24, short_set=4, long_set=8, num_examples=20, seed=0)
+    for i in range(20):
+        ex = task[i]
+        on = ex["segment_ids"] > 0
+        body = ex["inputs"][on]
+        assert on.sum() == 4 + 1 + 8 + 1 and not on[: 24 - 14].any()  # left padding, then the body
+        short, sep1, long, sep2 = body[:4], body[4], body[5:13], body[13]
+        assert sep1 == sep2 == SetDisjointness.SEPARATOR and len(set(short)) == 4 and len(set(long)) == 8
+        (shared,) = set(short) & set(long)
+        assert ex["loss_mask"].sum() == 1 and ex["loss_mask"][-1] == 1 and ex["targets"][-1] == shared
+        assert ex["context_end"] - ex["context_start"] == 13  # both sets: what JRT-Prompt repeats
+    assert len({int(task[i]["targets"][-1]) for i in range(20)}) > 5
+    with pytest.raises(ConfigError, match="task.long_set"):
+        SetDisjointness(vocab_size=64, seq_len=12, short_set=4, long_set=8, num_examples=1)
+
+
 @pytest.mark.parametrize("jrt_prompt", [False, True])
 @pytest.mark.parametrize("name", TASKS)
 def test_context_loss_weights_the_unlabelled_content_and_keeps_the_labels(name, jrt_prompt):

@@ -2,7 +2,8 @@
 its entry in `SPECS` here, and its per-family test file keeps what is specific to it (oracles, family options).
 
 For each model: decode in ragged pieces == the parallel form; causality; packed documents isolated (a document's
-outputs do not depend on the document packed before it, and equal those of the same document at a row start);
+outputs do not depend on the document packed before it, and equal those of the same document at a row start); a
+left-padded row (JRT-Prompt's layout) isolates its padding;
 loss and gradients on data=2,tensor=2 == one device; parameter names and logical axes == the golden file
 (`tests/golden/params/<model>.json`, written at the commit before the model skeleton landed: checkpoints keep
 restoring); every preset in `configs/<model>.py` builds
@@ -177,6 +178,30 @@ def test_causal_and_packed_documents_are_isolated(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_a_left_padded_row_as_jrt_prompt_builds_it_isolates_the_padding(name):
+    """JRT-Prompt (`synthetic.JRTPrompt`) left-pads each example in segment 0 with positions 0: whatever the padding
+    holds, the content's outputs are the same and finite; where a document equals itself at a row start, they equal
+    the content's alone."""
+    model, forward = _model_and_forward(name)
+    content = _tokens((2, LENGTH - 4), seed=6)
+    segments = jnp.array([[0] * 4 + [1] * (LENGTH - 4)] * 2, jnp.int32)
+    positions = jnp.array([[0] * 4 + list(range(LENGTH - 4))] * 2, jnp.int32)
+    rows = lambda pad: {"inputs": jnp.concatenate([pad, content], 1), "segment_ids": segments, "positions": positions}
+    zeros = forward(model, rows(jnp.zeros((2, 4), jnp.int32)))
+    other = forward(model, rows(_tokens((2, 4), seed=7)))
+    assert bool(jnp.all(jnp.isfinite(zeros[:, 4:])))
+    np.testing.assert_allclose(other[:, 4:], zeros[:, 4:], atol=2e-5, rtol=0)
+    if _spec(name).packed_equals_alone:
+        alone = jnp.concatenate([content, _tokens((2, 4), seed=8)], 1)  # the content at a row start
+        ones = jnp.ones((2, LENGTH), jnp.int32)
+        want = forward(
+            model,
+            {"inputs": alone, "segment_ids": ones, "positions": jnp.broadcast_to(jnp.arange(LENGTH), (2, LENGTH))},
+        )
+        np.testing.assert_allclose(zeros[:, 4:], want[:, : LENGTH - 4], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_sharded_loss_and_gradients_equal_one_device(name):
     grads = assert_sharded_gradients_equal_one_device(_config(name, train={"batch_size": 4}), packed_batch())
     spec = _spec(name).tensor_param
@@ -252,6 +277,6 @@ def test_a_registered_model_without_a_test_file_is_collected_by_every_protocol_c
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     checks = [n for n, f in globals().items() if n.startswith("test_") and hasattr(f, "pytestmark")]
-    assert len(checks) == 7
+    assert len(checks) == 8
     for check in checks:
         assert f"{check}[probe]" in result.stdout, (check, result.stdout[-2000:])
