@@ -67,15 +67,17 @@ def test_the_objective_is_next_token_past_the_encoder_plus_the_masked_token_loss
     np.testing.assert_array_equal(out["inputs"][chosen], 63)  # with the mask token (vocab_size − 1)
     np.testing.assert_array_equal(out["targets"][chosen], inputs[chosen])  # predicted at their own position
     np.testing.assert_array_equal(out["loss_mask"][chosen], 0.25)
-    np.testing.assert_array_equal(out["loss_mask"][:, :32][~chosen[:, :32]], 0.0)  # no next token in the encoder
+    # no next token where the encoder reads the target: positions 0..30 (31's target, token 32, is not encoded)
+    np.testing.assert_array_equal(out["loss_mask"][:, :31][~chosen[:, :31]], 0.0)
+    np.testing.assert_array_equal(out["loss_mask"][:, 31][~chosen[:, 31]], 1.0)
     np.testing.assert_array_equal(out["loss_mask"][:, 32:], 1.0)
     np.testing.assert_array_equal(out["targets"][:, 32:], batch["targets"][:, 32:])
-    # a second packed document has no encoder: its next-token loss stays; eval scores past the encoder only
+    # a second packed document has no encoder: its next-token loss stays; eval drops what the encoder reads
     packed = batch | {"segment_ids": np.array([[1] * 16 + [2] * 32] * 8, np.int32)}
     packed["positions"] = np.array([list(range(16)) + list(range(32))] * 8, np.int32)
     mask = config.eval_loss_mask(packed)
-    np.testing.assert_array_equal(mask[:, :16], 0.0)
-    np.testing.assert_array_equal(mask[:, 16:], 1.0)
+    np.testing.assert_array_equal(mask[:, :15], 0.0)
+    np.testing.assert_array_equal(mask[:, 15:], 1.0)  # 15's target starts the second document
     off = from_dict({"model": MODEL | {"prefix_len": 32, "mlm_weight": 0.0}}).model.train_batch(batch)
     np.testing.assert_array_equal(off["inputs"], inputs)
 
