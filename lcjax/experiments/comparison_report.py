@@ -14,6 +14,7 @@ SWEEP_PARAMETER = {  # the task parameter swept with the sequence length, per ta
     "niah_word": "depth",
     "phonebook": "num_entries",
     "selective_copy": "num_tokens",
+    "set_disjointness": "long_set",
 }
 
 
