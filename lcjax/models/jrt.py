@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lcjax.errors import ConfigError
 from lcjax.layers import prefix_linear_attention as pla
 from lcjax.layers.attention import AttentionConfig
 from lcjax.layers.mlp import SwiGLU
@@ -58,9 +59,9 @@ class JRTConfig(ModelConfig):
     rope_theta: float = 10000.0
     init_std: float = 0.02
     # The training objective (`train_batch`): next token where the encoder does not read the target, plus
-    # `mlm_weight` × the masked-token loss
-    # on the encoder's tokens, `mlm_rate` of them replaced by `mask_token` (-1: vocab_size − 1, byte 0xFF, which no
-    # UTF-8 text holds) and predicted at their own positions. mlm_weight 0: next token past the encoder only.
+    # `mlm_weight` × the masked-token loss on the encoder's tokens, `mlm_rate` of them replaced by `mask_token` (-1:
+    # vocab_size − 1, byte 0xFF, which no UTF-8 text holds) and predicted at their own positions. mlm_weight 0: the
+    # next-token loss alone.
     mlm_rate: float = 0.15
     mlm_weight: float = 0.25
     mask_token: int = -1
@@ -110,6 +111,69 @@ class JRTConfig(ModelConfig):
     def eval_loss_mask(self, batch: dict[str, Any]) -> Any:
         """Next-token scores only where the encoder does not read the target (`reads_its_target`)."""
         return np.where(self.reads_its_target(batch), 0.0, batch["loss_mask"]).astype(np.float32)
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    def validate(self, *, mesh: dict[str, int], seq_len: int, max_len: int) -> None:
+        super().validate(mesh=mesh, seq_len=seq_len, max_len=max_len)
+        for name in ("num_heads", "num_kv_heads", "window", "conv_taps", "mlp_expansion", "chunk_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name}", f"must be > 0, got {getattr(self, name)}")
+        if not isinstance(self.feature_dim, int) or isinstance(self.feature_dim, bool) or self.feature_dim <= 0:
+            raise ConfigError("model.feature_dim", f"must be a positive integer, got {self.feature_dim!r}")
+        if not 0 < self.prefix_len < seq_len:
+            raise ConfigError(
+                "model.prefix_len",
+                f"={self.prefix_len} must be in [1, train.seq_len={seq_len}): the encoder's M tokens leave the "
+                "next-token loss the rest of the row",
+            )
+        if not self.layer_pattern or set(self.layer_pattern) - set(MIXERS):
+            raise ConfigError(
+                "model.layer_pattern", f"={self.layer_pattern!r}; expected letters of {sorted(MIXERS)} ({MIXERS})"
+            )
+        if self.num_layers % len(self.layer_pattern):
+            raise ConfigError(
+                "model.num_layers",
+                f"={self.num_layers} must be a multiple of len(model.layer_pattern={self.layer_pattern!r})",
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                "model.num_kv_heads", f"={self.num_kv_heads} must divide model.num_heads={self.num_heads}"
+            )
+        if not self.head_dim and self.d_model % self.num_heads:
+            raise ConfigError("model.num_heads", f"={self.num_heads} must divide model.d_model={self.d_model}")
+        if "w" in self.layer_pattern and self.resolved_head_dim % 2:
+            raise ConfigError("model.head_dim", f"={self.resolved_head_dim} must be even for RoPE")
+        if not 0.0 <= self.mlm_rate <= 1.0:
+            raise ConfigError("model.mlm_rate", f"must be in [0, 1], got {self.mlm_rate}")
+        if self.mlm_weight < 0:
+            raise ConfigError("model.mlm_weight", f"must be >= 0, got {self.mlm_weight}")
+        if not -1 <= self.mask_token < self.vocab_size:
+            raise ConfigError("model.mask_token", f"={self.mask_token} must be -1 or a token id < {self.vocab_size}")
+        if self.pla_impl not in pla.IMPLS:
+            raise ConfigError("model.pla_impl", f"={self.pla_impl!r}; expected one of {list(pla.IMPLS)}")
+        self.check_divisible("tensor", mesh, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads)
+        self.attention.validate(mesh=mesh, seq_len=seq_len)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """6 × matmul parameters per token, plus PLA's state update and read (4·F·dv per head) and the window's
+        attention (12 · heads · head_dim · window / 2 per window layer)."""
+        d, hd, heads = self.d_model, self.resolved_head_dim, self.num_heads
+        features = pla.num_features(self.feature_dim)
+        counts = {m: self.layer_pattern.count(m) * self.num_layers // len(self.layer_pattern) for m in MIXERS}
+        mlp = 3 * d * self.mlp_expansion * d
+        per_layer = {
+            "c": d * 4 * d + 2 * d * d,
+            "p": d * heads * (3 * self.feature_dim + 2 * hd) + heads * hd * d,
+            "w": d * hd * (2 * heads + 2 * self.num_kv_heads),
+        }
+        params = sum(counts[m] * (per_layer[m] + mlp) for m in MIXERS) + d * self.vocab_size
+        mixing = counts["p"] * heads * 4 * features * (hd + 1) + counts["w"] * 6 * heads * hd * min(
+            self.window, seq_len
+        )
+        return 6 * params + mixing
 
 
 class Layer(nnx.Module):
