@@ -40,7 +40,7 @@ from lcjax.layers.conv import causal_conv
 from lcjax.layers.norms import RMSNorm
 from lcjax.layers.params import normal, param, zeros
 from lcjax.layers.stack import LayerStack
-from lcjax.models.lm import CausalLM, ModelConfig, parallel_positions
+from lcjax.models.lm import CausalLM, ModelConfig
 from lcjax.parallel.sharding import constrain
 
 MIXERS = ("hawk", "gated_ssm")
@@ -192,20 +192,13 @@ class Unit(nnx.Module):
 
 class Birdie(CausalLM):
     final_norm_name = "norm_f"
+    reads_prefix_mask = True
 
     def __init__(self, cfg: BirdieConfig, *, rngs: nnx.Rngs):
         self._init_embedding(cfg, rngs, normal(cfg.init_std))
         units = cfg.num_layers // 2 if cfg.bidirectional else cfg.num_layers
         self.layers = LayerStack(lambda r: Unit(cfg, rngs=r), units, rngs=rngs, scan=cfg.scan_layers, remat=cfg.remat)
         self._init_head(RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs), rngs, normal(cfg.init_std))
-
-    def hidden(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """The parallel form; reads `prefix_mask` (1: the bidirectional prefix) besides the skeleton's fields."""
-        positions = parallel_positions(batch)
-        x = self.embed_tokens(batch["inputs"], positions)
-        return self.hidden_embedded(
-            x, positions=positions, segment_ids=batch.get("segment_ids"), prefix_mask=batch.get("prefix_mask")
-        )
 
     def hidden_embedded(self, x, *, positions, segment_ids=None, prefix_mask=None):
         """x [B, T, d_model]; positions restart at 0 at a document start (a reset), as do segment_id changes;

@@ -20,9 +20,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
-from typing import Any, ClassVar
+from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -35,7 +34,7 @@ from lcjax.layers.norms import RMSNorm
 from lcjax.layers.params import normal
 from lcjax.layers.stack import LayerStack
 from lcjax.layers.window_attention import WindowAttention
-from lcjax.models.lm import CausalLM, ModelConfig, parallel_positions
+from lcjax.models.lm import CausalLM, ModelConfig
 from lcjax.parallel.sharding import constrain
 
 MIXERS = {"c": "baseconv", "p": "pla", "w": "window"}
@@ -66,8 +65,6 @@ class JRTConfig(ModelConfig):
     mlm_weight: float = 0.25
     mask_token: int = -1
     attention: AttentionConfig = AttentionConfig()
-
-    sequence_parallel: ClassVar[bool] = False
 
     @property
     def resolved_mask_token(self) -> int:
@@ -263,19 +260,13 @@ class Unit(nnx.Module):
 
 
 class JRT(CausalLM):
+    reads_prefix_mask = True
+
     def __init__(self, cfg: JRTConfig, *, rngs: nnx.Rngs):
         self._init_embedding(cfg, rngs, normal(cfg.init_std))
         units = cfg.num_layers // len(cfg.layer_pattern)
         self.layers = LayerStack(lambda r: Unit(cfg, rngs=r), units, rngs=rngs, scan=cfg.scan_layers, remat=cfg.remat)
         self._init_head(RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs), rngs, normal(cfg.init_std))
-
-    def hidden(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """The parallel form; reads `prefix_mask` (1: the encoder's tokens) besides the skeleton's fields."""
-        positions = parallel_positions(batch)
-        x = self.embed_tokens(batch["inputs"], positions)
-        return self.hidden_embedded(
-            x, positions=positions, segment_ids=batch.get("segment_ids"), prefix_mask=batch.get("prefix_mask")
-        )
 
     def hidden_embedded(self, x, *, positions, segment_ids=None, prefix_mask=None):
         """x [B, T, d_model] at `positions` [B, T]; `prefix_mask` [B, T] or None (the first `prefix_len` tokens).

@@ -113,6 +113,9 @@ class CausalLM(nnx.Module):
     final_norm_name: ClassVar[str] = "final_norm"
     # Tied logits scaled by d_model^-1/2: for embeddings initialized with unit variance.
     scale_tied_logits: ClassVar[bool] = False
+    # The parallel form reads the batch's `prefix_mask` (1: the bidirectional prefix; Birdie, JRT): `hidden` passes
+    # it to `hidden_embedded` as `prefix_mask=`.
+    reads_prefix_mask: ClassVar[bool] = False
 
     def _init_embedding(self, cfg: ModelConfig, rngs: nnx.Rngs, init: Initializer) -> None:
         self.cfg = cfg
@@ -136,7 +139,8 @@ class CausalLM(nnx.Module):
         """The parallel form up to the last block: batch (`lcjax.data.batch.MODEL_KEYS`) -> ([B, T, d_model], aux)."""
         positions = parallel_positions(batch)
         x = self.embed_tokens(batch["inputs"], positions)
-        return self.hidden_embedded(x, positions=positions, segment_ids=batch.get("segment_ids"))
+        extra = {"prefix_mask": batch.get("prefix_mask")} if self.reads_prefix_mask else {}
+        return self.hidden_embedded(x, positions=positions, segment_ids=batch.get("segment_ids"), **extra)
 
     def hidden_embedded(
         self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None
