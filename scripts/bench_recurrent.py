@@ -4,6 +4,7 @@
     python scripts/bench_recurrent.py --part=forms --seq_lens=1024,4096
     python scripts/bench_recurrent.py --part=decode --contexts=1024,65536
     JAX_PLATFORMS=cuda python scripts/bench_recurrent.py --part=kernel --batch=8 --heads=8   # on a GPU (or TPU)
+    python scripts/bench_recurrent.py --part=pla --seq_lens=1024,4096,16384 --max_parallel=4096
 
 Part "forms": for T in `--seq_lens`, the jitted forward + backward (gradients of Σ h·probe w.r.t. every input) of
 `mlstm_cell` in its parallel, chunkwise and recurrent forms and of `ssd_scan` chunked vs `ssd_sequential`, f32, on
@@ -13,6 +14,12 @@ the same inputs: seconds (median of `--repeats` after a compile) and the compile
 Part "kernel" (GPU/TPU only; on CPU it prints why it is skipped): the chunkwise mLSTM and chunked SSD through the
 Pallas kernel (`kernels_pallas.chunked_linear_attention`, impl="pallas") vs the XLA chunkwise form on the same inputs,
 forward and forward + backward, with the kernel's largest error relative to XLA's largest output/gradient.
+
+Part "pla": JRT's prefix linear attention (`lcjax.layers.prefix_linear_attention`; Based feature map of dim 16, so
+F = 280 features, `--heads` heads of value dim `--head_dim`, the encoder over the first T/2 tokens): the chunkwise
+form (XLA) vs the explicit quadratic form (the T×T masked φ(q)·φ(k) scores plus the encoder state, skipped above
+`--max_parallel`), and on a GPU/TPU the Pallas kernel, forward + backward; each row's largest error relative to the
+chunkwise form.
 
 Part "decode": seconds per generated token of the tiny presets (xlstm large-tiny, mamba2 tiny, and the
 transformer tiny for contrast) after a context of C tokens, for C in `--contexts`. The recurrent models' state is
@@ -27,6 +34,7 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
+import functools  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -38,10 +46,11 @@ from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from lcjax import models  # noqa: E402
+from lcjax.layers import prefix_linear_attention as pla  # noqa: E402
 from lcjax.layers.mlstm import mlstm_cell  # noqa: E402
 from lcjax.layers.ssd import ssd_scan, ssd_sequential  # noqa: E402
 
-_PART = flags.DEFINE_enum("part", "all", ["all", "forms", "kernel", "decode"], "Which part to run.")
+_PART = flags.DEFINE_enum("part", "all", ["all", "forms", "kernel", "pla", "decode"], "Which part to run.")
 _KERNEL_IMPL = flags.DEFINE_enum(
     "kernel_impl", "pallas", ["pallas", "interpret"], "Kernel: interpret runs the kernel's part on CPU (a smoke test)."
 )
@@ -186,6 +195,67 @@ def forms():
     return rows
 
 
+def _pla_inputs(length):
+    """φ(q), φ(k) [batch, T, heads, F], v [batch, T, heads, dv] and the encoder state of the first T/2 tokens."""
+    batch, heads, dim = _BATCH.value, _HEADS.value, _HEAD_DIM.value
+    keys = jax.random.split(jax.random.key(length), 5)
+    q, k, ke = (pla.feature_map(0.5 * jax.random.normal(keys[i], (batch, length, heads, 16))) for i in range(3))
+    v, ve = (jax.random.normal(keys[i], (batch, length, heads, dim)) for i in (3, 4))
+    weights = (jnp.arange(length) < length // 2).astype(jnp.float32)[None].repeat(batch, 0)
+    return q, k, v, pla.encoder_state(ke, ve, weights)
+
+
+def _pla_chunked(phi_q, phi_k, v, s_enc, *, impl):
+    docs = jnp.zeros(phi_q.shape[:2], jnp.int32)  # one document
+    return pla.prefix_linear_attention(phi_q, phi_k, v, docs, s_enc, chunk_size=_CHUNK.value, impl=impl)
+
+
+def _pla_quadratic(phi_q, phi_k, v, s_enc):
+    """y_i = (Σ_{j≤i} φ(q_i)·φ(k_j) v_j + φ(q_i) S_enc[:, :dv]) / (Σ_{j≤i} φ(q_i)·φ(k_j) + φ(q_i) S_enc[:, dv])."""
+    length, dv = phi_q.shape[1], v.shape[-1]
+    scores = jnp.einsum("bihf,bjhf->bhij", phi_q, phi_k) * jnp.tril(jnp.ones((length, length)))
+    enc = jnp.einsum("bihf,bhfv->bihv", phi_q, s_enc)
+    num = jnp.einsum("bhij,bjhv->bihv", scores, v) + enc[..., :dv]
+    den = jnp.moveaxis(scores.sum(-1), 1, 2)[..., None] + enc[..., dv:]
+    return num / (den + pla.EPS), None
+
+
+def pla_forms():
+    """The chunkwise PLA vs the quadratic form and (GPU/TPU) the Pallas kernel (module docstring)."""
+    rows = []
+    accelerator = jax.default_backend() in ("gpu", "tpu")
+    print(f"{'form':>10} {'T':>6} | {'f+b s':>8} {'tok/s':>9} {'temp MiB':>9} | {'vs chunked':>10} {'max rel err':>11}")
+    for length in map(int, _SEQ_LENS.value):
+        inputs = _pla_inputs(length)
+        probe = jnp.ones_like(inputs[2])
+        forms = {"chunked": functools.partial(_pla_chunked, impl="xla")}
+        if length <= _MAX_PARALLEL.value:
+            forms["quadratic"] = _pla_quadratic
+        if accelerator:
+            forms["pallas"] = functools.partial(_pla_chunked, impl="pallas")
+        group = []
+        for form, forward in forms.items():
+            fn = _grad_fn(forward, 4)
+            row = {"layer": "pla", "form": form, "seq_len": length, "seconds": _time(fn, *inputs, probe)}
+            row["temp_mib"] = _temp_mib(fn, *inputs, probe)
+            row["grads"] = fn(*inputs, probe)
+            group.append(row)
+        base = group[0]
+        for r in group:
+            r["speedup_vs_chunked"] = base["seconds"] / r["seconds"]
+            r["error"] = _max_error(r.pop("grads"), base["grads"]) if r is not base else 0.0
+        base.pop("grads")
+        for r in group:
+            mib = "n/a" if r["temp_mib"] is None else f"{r['temp_mib']:.1f}"
+            print(
+                f"{r['form']:>10} {length:>6} | {r['seconds']:>8.3f} {length / r['seconds']:>9.0f} {mib:>9} | "
+                f"{r['speedup_vs_chunked']:>10.2f} {r['error']:>11.1e}",
+                flush=True,
+            )
+        rows.extend(group)
+    return rows
+
+
 def _build(config_path, preset):
     import importlib.util
 
@@ -265,6 +335,8 @@ def main(argv):
         result["forms"] = forms()
     if _PART.value in ("all", "kernel"):
         result["kernel"] = kernel()
+    if _PART.value in ("all", "pla"):
+        result["pla"] = pla_forms()
     if _PART.value in ("all", "decode"):
         result["decode"] = decode()
     with open(_OUT.value, "w") as f:

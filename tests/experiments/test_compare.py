@@ -151,3 +151,10 @@ def test_report_marks_points_where_the_model_diverged(tmp_path):
     assert "the model diverged" in table
     compare.write_report({"titans:mac-tiny": rows[1:]}, "passkey", str(tmp_path), {})
     assert "inf/NaN" not in (tmp_path / "comparison.md").read_text()
+
+
+def test_every_task_writes_its_report(tmp_path):
+    for task, parameter in compare.SWEEP_PARAMETER.items():
+        rows = [{"seq_len": 64, parameter: 8, "answer_accuracy": 0.5, "nonfinite_fraction": 0.0}]
+        compare.write_report({"jrt:tiny": rows}, task, str(tmp_path / task), {})
+        assert "| jrt:tiny | 50.0% |" in (tmp_path / task / "comparison.md").read_text(), task
