@@ -57,8 +57,8 @@ def write_report(results: dict[str, list[dict]], task: str, out_dir: str, meta: 
 
 
 def _short(parameter: str) -> str:
-    names = {"num_kv_pairs": "D", "depth": "depth", "num_entries": "entries", "num_tokens": "tokens"}
-    return names.get(parameter, parameter)  # e.g. set disjointness's long_set
+    """A sweep parameter's column label; others (depth, set disjointness's long_set) keep their name."""
+    return {"num_kv_pairs": "D", "num_entries": "entries", "num_tokens": "tokens"}.get(parameter, parameter)
 
 
 def _plots(results, parameter, seq_lens, values, out_dir) -> list[str]:
